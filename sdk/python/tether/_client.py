@@ -1,0 +1,213 @@
+"""The synchronous client: `Client`, its per-run handle `Run`, and `Stream`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping
+from types import TracebackType
+from typing import Any
+
+import grpc
+import orjson
+
+from tether._errors import InternalError, from_rpc_error
+from tether._messages import (
+    CHANNEL_OPTIONS,
+    Result,
+    Status,
+    StreamSummary,
+    call_metadata,
+    call_request,
+    resolve_target,
+)
+from tether.v1 import sidecar_pb2 as pb
+from tether.v1 import sidecar_pb2_grpc as pb_grpc
+
+_HEALTH_METHOD = "/grpc.health.v1.Health/Check"
+
+
+class Stream:
+    """Chunks of a streamed model call, parsed from JSON; `summary` is filled at the end."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self.summary = StreamSummary()
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            for msg in self._call:
+                if msg.final:
+                    self.summary.take_final(msg)
+                else:
+                    yield orjson.loads(msg.data)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        if not self.summary.done:
+            raise InternalError("the sidecar ended the stream without its summary")
+
+    def cancel(self) -> None:
+        """Stop the stream; the sidecar cancels the upstream request."""
+        self._call.cancel()
+
+
+class Client:
+    """Calls the sidecar over gRPC from synchronous code (thread-safe)."""
+
+    def __init__(
+        self, target: str | None = None, *, token: str | None = None, timeout_s: float | None = None
+    ) -> None:
+        """`target`: argument, else $TETHER_ADDRESS, else `unix:tether.sock`."""
+        self.target = resolve_target(target)
+        self.timeout_s = timeout_s
+        self._metadata = call_metadata(token)
+        self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.SidecarStub(self._channel)
+
+    def _call(self, request: pb.CallRequest, timeout_s: float | None) -> Result:
+        try:
+            response = self._stub.Call(
+                request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return Result.from_pb(response)
+
+    def model(
+        self,
+        upstream: str,
+        payload: Any,
+        *,
+        operation: str = "chat",
+        run_id: str = "",
+        idempotency_key: str = "",
+        labels: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> Result:
+        """One model call (`chat` by default) with `payload` as the upstream's JSON body."""
+        request = call_request(
+            upstream, pb.CALL_KIND_MODEL, operation, payload,
+            run_id=run_id, idempotency_key=idempotency_key, labels=labels,
+        )  # fmt: skip
+        return self._call(request, timeout_s)
+
+    def tool(
+        self,
+        upstream: str,
+        payload: Any,
+        *,
+        name: str = "",
+        run_id: str = "",
+        idempotency_key: str = "",
+        labels: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> Result:
+        """One tool call; `name` (default: the upstream's name) is the tool's operation."""
+        request = call_request(
+            upstream, pb.CALL_KIND_TOOL, name or upstream, payload,
+            run_id=run_id, idempotency_key=idempotency_key, labels=labels,
+        )  # fmt: skip
+        return self._call(request, timeout_s)
+
+    def stream_model(
+        self,
+        upstream: str,
+        payload: Any,
+        *,
+        operation: str = "chat",
+        run_id: str = "",
+        idempotency_key: str = "",
+        labels: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> Stream:
+        """A streamed model call: iterate the returned `Stream` for the chunks."""
+        request = call_request(
+            upstream, pb.CALL_KIND_MODEL, operation, payload,
+            run_id=run_id, idempotency_key=idempotency_key, labels=labels,
+        )  # fmt: skip
+        call = self._stub.StreamCall(
+            request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+        )
+        return Stream(call)
+
+    def status(self) -> Status:
+        """The sidecar's status: upstreams, breaker states, in-flight counts, versions."""
+        try:
+            response = self._stub.GetStatus(
+                pb.GetStatusRequest(), timeout=self.timeout_s or 10.0, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return Status.from_pb(response)
+
+    def wait_ready(self, timeout_s: float = 10.0) -> None:
+        """Block until the sidecar's health check says SERVING (or raise after `timeout_s`)."""
+        from grpc_health.v1 import health_pb2
+
+        check = self._channel.unary_unary(
+            _HEALTH_METHOD,
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        try:
+            answer = check(health_pb2.HealthCheckRequest(), timeout=timeout_s, wait_for_ready=True)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        if answer.status != health_pb2.HealthCheckResponse.SERVING:
+            raise InternalError(f"sidecar health is {answer.status}, not SERVING")
+
+    def run(self, run_id: str) -> Run:
+        """A handle whose calls carry `run_id` and step-derived idempotency keys."""
+        return Run(self, run_id)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Run:
+    """Calls bound to one run. Keys are `run_id:step`, a per-run counter, unless given.
+
+    A restarted agent that makes the same calls in the same order gets the same keys, so the
+    sidecar's journal can answer what already happened instead of doing it again.
+    """
+
+    def __init__(self, client: Client, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self._steps = itertools.count(1)
+
+    def next_key(self, given: str = "") -> str:
+        """The key of the next call: `given`, else `run_id:step` (every call takes a step)."""
+        step = next(self._steps)
+        return given or f"{self.run_id}:{step}"
+
+    def model(self, upstream: str, payload: Any, **options: Any) -> Result:
+        key = self.next_key(options.pop("idempotency_key", ""))
+        return self.client.model(
+            upstream, payload, run_id=self.run_id, idempotency_key=key, **options
+        )
+
+    def tool(self, upstream: str, payload: Any, **options: Any) -> Result:
+        key = self.next_key(options.pop("idempotency_key", ""))
+        return self.client.tool(
+            upstream, payload, run_id=self.run_id, idempotency_key=key, **options
+        )
+
+    def stream_model(self, upstream: str, payload: Any, **options: Any) -> Stream:
+        key = self.next_key(options.pop("idempotency_key", ""))
+        return self.client.stream_model(
+            upstream, payload, run_id=self.run_id, idempotency_key=key, **options
+        )
+
+    def status(self) -> Status:
+        return self.client.status()

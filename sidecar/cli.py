@@ -1,0 +1,128 @@
+"""The `tether` command: serve, check-config, status, demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from sidecar.config import Config, ConfigError, default_config, load_config
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2  # bad configuration or arguments
+
+
+def _load(path: str | None) -> Config:
+    return load_config(path) if path else default_config()
+
+
+def _print_problems(error: ConfigError) -> None:
+    print(f"{error.source}: invalid configuration", file=sys.stderr)
+    for problem in error.problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate a config file: `ok`, or each problem with its field path (exit 2)."""
+    try:
+        config = _load(args.config)
+    except ConfigError as error:
+        _print_problems(error)
+        return EXIT_USAGE
+    for warning in _missing_secrets(config):
+        print(f"warning: {warning}", file=sys.stderr)
+    print("ok")
+    return EXIT_OK
+
+
+def _missing_secrets(config: Config) -> list[str]:
+    """Secrets the config names whose environment variables are not set here."""
+    found = []
+    for name, spec in config.upstreams.items():
+        env = getattr(spec, "api_key_env", None)
+        if env and not os.environ.get(env):
+            found.append(f"upstreams.{name}.api_key_env: environment variable {env} is not set")
+    if config.auth and not os.environ.get(config.auth.token_env):
+        found.append(f"auth.token_env: environment variable {config.auth.token_env} is not set")
+    return found
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the sidecar until SIGTERM/SIGINT, then drain and exit 0."""
+    from sidecar.server import AddressInUseError, run
+    from sidecar.telemetry.logging import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        config = _load(args.config)
+        return run(config)
+    except ConfigError as error:
+        _print_problems(error)
+        return EXIT_USAGE
+    except AddressInUseError as error:
+        print(f"tether: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the status of a running sidecar."""
+    import tether
+
+    try:
+        with tether.Client(args.address, timeout_s=args.timeout_s) as client:
+            status = client.status()
+    except tether.TetherError as error:
+        print(f"tether: cannot get status from the sidecar: {error.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"tether {status.version}  config {status.config_version}  ", end="")
+    print(f"serving={status.serving}  uptime {status.uptime_s:.0f} s  in flight {status.in_flight}")
+    row = "{:<20} {:<6} {:<7} {:<9} {:>9} {:>8} {:>8} {:>8}"
+    print(row.format("UPSTREAM", "KIND", "TYPE", "BREAKER", "IN FLIGHT", "CALLS", "ERRORS", "HITS"))
+    for up in status.upstreams.values():
+        print(row.format(up.name, up.kind, up.type, up.breaker_state, up.in_flight, up.calls,
+                         up.errors, up.hits))  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start the sidecar on embedded defaults, run the demo agent through it, stop it."""
+    from sidecar.demo import run_demo
+
+    return run_demo(agent=args.agent, steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tether", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the sidecar")
+    serve.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (default: $TETHER_LOG_LEVEL)")
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("config", nargs="?", help="YAML config file (default: embedded defaults)")
+    check.set_defaults(func=cmd_check_config)
+
+    status = sub.add_parser("status", help="show a running sidecar's status")
+    status.add_argument("--address", help="sidecar address (default: $TETHER_ADDRESS)")
+    status.add_argument("--timeout-s", type=float, default=5.0)
+    status.set_defaults(func=cmd_status)
+
+    demo = sub.add_parser("demo", help="run the demo agent through a sidecar on mock upstreams")
+    demo.add_argument("--agent", default="examples/demo_agent.py", help="agent script to run")
+    demo.add_argument("--steps", type=int, default=12, help="agent loop iterations")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

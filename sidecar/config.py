@@ -1,0 +1,268 @@
+"""The sidecar's configuration: one YAML file, validated by pydantic.
+
+Models are frozen and forbid unknown keys, so a typo is an error that names its field. Secrets
+are never in the file: a field ending in `_env` names the environment variable that holds it.
+Defaults live here and only here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_GRPC_ADDRESS = "unix:tether.sock"
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9464"
+DEFAULT_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_CONCURRENT_RPCS = 1024
+DEFAULT_GRACE_S = 10.0
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """`host:port` (IPv6 in brackets) into its parts; ValueError when malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port or unix:PATH, got {address!r}")
+    return host, int(port)
+
+
+class ListenConfig(_Model):
+    """Where the sidecar listens. TCP binds to loopback unless `allow_remote` says otherwise."""
+
+    grpc: list[str] = Field(default_factory=lambda: [DEFAULT_GRPC_ADDRESS], min_length=1)
+    metrics: str | None = DEFAULT_METRICS_ADDRESS
+    allow_remote: bool = False
+
+    @field_validator("grpc", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("grpc")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            if address.startswith("unix:"):
+                if not address.removeprefix("unix:").removeprefix("//"):
+                    raise ValueError(f"unix socket address {address!r} has no path")
+            else:
+                split_host_port(address)
+        return value
+
+    @model_validator(mode="after")
+    def _loopback_only(self) -> ListenConfig:
+        if self.allow_remote:
+            return self
+        for address in [*self.grpc, *([self.metrics] if self.metrics else [])]:
+            if address.startswith("unix:"):
+                continue
+            host, _ = split_host_port(address)
+            if not _is_loopback_host(host):
+                raise ValueError(
+                    f"{address!r} is not a loopback address; set listen.allow_remote: true "
+                    "to listen beyond this machine"
+                )
+        return self
+
+
+class LimitsConfig(_Model):
+    """Bounds that protect the sidecar from oversized or too many requests."""
+
+    max_payload_bytes: int = Field(DEFAULT_MAX_PAYLOAD_BYTES, gt=0)
+    max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, gt=0)
+    max_concurrent_rpcs: int = Field(DEFAULT_MAX_CONCURRENT_RPCS, gt=0)
+
+
+class ShutdownConfig(_Model):
+    """SIGTERM drain: in-flight calls get `grace_s` seconds to finish."""
+
+    grace_s: float = Field(DEFAULT_GRACE_S, ge=0)
+
+
+class AuthConfig(_Model):
+    """Optional bearer token required on every RPC, read from an environment variable."""
+
+    token_env: str = Field(min_length=1)
+
+
+class _UpstreamBase(_Model):
+    kind: Literal["model", "tool"]
+    timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0)
+    # Whether re-sending the same request is harmless; model upstreams default to yes.
+    idempotent: bool | None = None
+
+    @property
+    def is_idempotent(self) -> bool:
+        return self.kind == "model" if self.idempotent is None else self.idempotent
+
+
+class OpenAIUpstreamConfig(_UpstreamBase):
+    """An OpenAI-compatible API (`/chat/completions`, `/embeddings`)."""
+
+    type: Literal["openai"]
+    kind: Literal["model", "tool"] = "model"
+    base_url: str = Field(pattern=r"^https?://")
+    api_key_env: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    max_connections: int = Field(100, gt=0)
+
+
+class HttpUpstreamConfig(_UpstreamBase):
+    """A generic JSON tool endpoint: the payload is POSTed, the JSON body returned."""
+
+    type: Literal["http"]
+    kind: Literal["model", "tool"] = "tool"
+    url: str = Field(pattern=r"^https?://")
+    api_key_env: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    max_connections: int = Field(100, gt=0)
+
+
+class MockUpstreamConfig(_UpstreamBase):
+    """The built-in deterministic upstream: no network, configurable faults."""
+
+    type: Literal["mock"]
+    latency_ms: float = Field(0.0, ge=0)
+    failure_rate: float = Field(0.0, ge=0, le=1)
+    failure_kind: Literal["status", "hang", "reset", "garbage"] = "status"
+    failure_status: int = Field(503, ge=400, le=599)
+    seed: int = 0
+    stream_chunks: int = Field(4, ge=1)
+
+
+UpstreamConfig = Annotated[
+    OpenAIUpstreamConfig | HttpUpstreamConfig | MockUpstreamConfig,
+    Field(discriminator="type"),
+]
+
+
+class Config(_Model):
+    """The whole configuration file."""
+
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
+    auth: AuthConfig | None = None
+
+    @field_validator("upstreams")
+    @classmethod
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+                raise ValueError(f"upstream name {name!r} may use letters, digits, '-', '_', '.'")
+        return value
+
+    def version(self) -> str:
+        """A short hash of the effective configuration (secrets are not in it)."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+
+
+class ConfigError(Exception):
+    """A configuration file cannot be used; `problems` lists `field.path: reason` lines."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__(f"{source}: " + "; ".join(problems))
+        self.source = source
+        self.problems = problems
+
+
+def _location(loc: tuple[int | str, ...], tags: set[str]) -> str:
+    parts: list[str] = []
+    for i, part in enumerate(loc):
+        # pydantic puts the discriminator's tag after `upstreams.<name>`; drop it.
+        if i == 2 and loc[0] == "upstreams" and part in tags:
+            continue
+        parts.append(str(part))
+    return ".".join(parts) or "(top level)"
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    tags = {"openai", "http", "mock"}
+    problems = []
+    for err in exc.errors(include_url=False, include_input=False):
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{_location(err['loc'], tags)}: {message}")
+    return problems
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    """Validate already-loaded YAML data; ConfigError names each bad field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"(top level): expected a mapping, got {type(data).__name__}"])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _problems(exc)) from None
+
+
+def load_config_text(text: str, source: str = "<config>") -> Config:
+    """Parse and validate YAML text."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [f"(yaml) {where}{problem}"]) from None
+    return parse_config(data, source)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate a YAML configuration file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"(file) cannot read: {exc.strerror}"]) from None
+    return load_config_text(text, str(path))
+
+
+def default_config_text() -> str:
+    """The embedded default configuration: built-in mock upstreams, no network, no keys."""
+    return resources.files("sidecar").joinpath("defaults.yaml").read_text(encoding="utf-8")
+
+
+def default_config() -> Config:
+    return load_config_text(default_config_text(), "<embedded defaults>")
+
+
+def resolve_secret(env_name: str | None, *, what: str) -> str | None:
+    """The value of a secret's environment variable; ConfigError (naming only the variable)."""
+    if env_name is None:
+        return None
+    value = os.environ.get(env_name)
+    if not value:
+        raise ConfigError(what, [f"environment variable {env_name} is not set or empty"])
+    return value

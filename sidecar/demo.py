@@ -1,0 +1,69 @@
+"""`tether demo`: the sidecar on embedded defaults, the demo agent through it, a clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from sidecar.config import default_config_text
+
+READY_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 20.0
+
+
+def _write_config(directory: str) -> tuple[str, str]:
+    """The embedded defaults, listening on a socket in `directory`; returns (file, address)."""
+    data = yaml.safe_load(default_config_text())
+    address = f"unix:{directory}/tether.sock"
+    data["listen"] = {"grpc": address, "metrics": None}
+    path = os.path.join(directory, "tether.yaml")
+    Path(path).write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path, address
+
+
+def _wait_ready(address: str, sidecar: subprocess.Popen[bytes]) -> bool:
+    import tether
+
+    with tether.Client(address) as client:
+        try:
+            client.wait_ready(READY_TIMEOUT_S)
+        except tether.TetherError as error:
+            print(f"demo: the sidecar did not become ready: {error.message}", file=sys.stderr)
+            return False
+    return sidecar.poll() is None
+
+
+def _stop(sidecar: subprocess.Popen[bytes]) -> int:
+    sidecar.send_signal(signal.SIGTERM)
+    try:
+        return sidecar.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        sidecar.kill()
+        print("demo: the sidecar did not stop within its grace period", file=sys.stderr)
+        return sidecar.wait()
+
+
+def run_demo(*, agent: str, steps: int) -> int:
+    """Run `agent` against a fresh sidecar; the exit code is the agent's, else the sidecar's."""
+    if not Path(agent).is_file():
+        print(f"demo: agent script {agent!r} not found (run from the repository root)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="tether-demo-") as directory:
+        config_path, address = _write_config(directory)
+        command = [sys.executable, "-m", "sidecar", "serve", "--config", config_path]
+        sidecar = subprocess.Popen([*command, "--log-level", "WARNING"])
+        print(f"demo: sidecar pid {sidecar.pid} starting on {address} (embedded mock upstreams)")
+        if not _wait_ready(address, sidecar):
+            _stop(sidecar)
+            return 1
+        env = {**os.environ, "TETHER_ADDRESS": address}
+        agent_code = subprocess.run([sys.executable, agent, "--steps", str(steps)], env=env).returncode
+        sidecar_code = _stop(sidecar)
+        print(f"demo: sidecar drained and stopped (exit code {sidecar_code})")
+        return agent_code or sidecar_code

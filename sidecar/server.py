@@ -1,0 +1,198 @@
+"""Build and run the grpc.aio server: the Sidecar service, health, reflection, drain.
+
+`create_server(config)` binds and returns `(server, port)` without starting, so tests run it
+on port 0 or a temporary unix socket; `serve(config)` runs it until SIGTERM or SIGINT, then
+drains: health turns NOT_SERVING, new calls get UNAVAILABLE (reason DRAINING), in-flight calls
+get `shutdown.grace_s` to finish, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from sidecar.config import Config, resolve_secret
+from sidecar.interceptors import GuardInterceptor
+from sidecar.service import SidecarService
+from sidecar.upstreams.base import Upstream
+from sidecar.upstreams.registry import build_upstreams
+from tether.v1 import sidecar_pb2, sidecar_pb2_grpc
+
+log = logging.getLogger("tether.sidecar")
+
+SERVICE_NAME = sidecar_pb2.DESCRIPTOR.services_by_name["Sidecar"].full_name
+MESSAGE_SLACK_BYTES = 1024 * 1024  # envelope room above the payload limits
+
+
+class AddressInUseError(OSError):
+    """Another live process already listens on the configured address."""
+
+
+def unix_path(address: str) -> str | None:
+    """The filesystem path of a `unix:` address, else None."""
+    if not address.startswith("unix:"):
+        return None
+    rest = address.removeprefix("unix:")
+    return "/" + rest.lstrip("/") if rest.startswith("//") else rest
+
+
+def _claim_unix_path(path: str) -> None:
+    """Remove a stale socket file; refuse one a live process still listens on."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: left over by a crash
+        return
+    finally:
+        probe.close()
+    raise AddressInUseError(f"another process listens on unix:{path}")
+
+
+@dataclass
+class SidecarServer:
+    """A bound (not yet started) sidecar and what it needs to start and drain."""
+
+    server: grpc.aio.Server
+    service: SidecarService
+    guard: GuardInterceptor
+    health: HealthServicer
+    upstreams: dict[str, Upstream]
+    grace_s: float
+    addresses: list[str] = field(default_factory=list)
+    _socket_paths: list[str] = field(default_factory=list)
+
+    async def start(self) -> None:
+        """Open upstream clients, start serving, mark health SERVING."""
+        for upstream in self.upstreams.values():
+            await upstream.start()
+        await self.server.start()
+        for path in self._socket_paths:
+            os.chmod(path, 0o600)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving on %s", ", ".join(self.addresses))
+
+    async def _set_health(self, state: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        await self.health.set("", state)
+        await self.health.set(SERVICE_NAME, state)
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish within the grace period, stop."""
+        grace = self.grace_s if grace_s is None else grace_s
+        self.guard.draining = True
+        self.service.serving = False
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("draining: %d calls in flight, grace %.1f s", self.service.in_flight, grace)
+        remaining = await self._wait_in_flight(grace)
+        await self.server.stop(max(remaining, 0.1))
+        await self.close_upstreams()
+        for path in self._socket_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        log.info("stopped")
+
+    async def _wait_in_flight(self, grace_s: float) -> float:
+        """Wait until no call is in flight or the grace is over; returns the grace left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.service.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if self.service.in_flight:
+            log.warning("grace period over: cancelling %d calls", self.service.in_flight)
+        return deadline - loop.time()
+
+    async def close_upstreams(self) -> None:
+        for upstream in self.upstreams.values():
+            await upstream.close()
+
+
+def _server_options(config: Config) -> list[tuple[str, int]]:
+    limits = config.limits
+    return [
+        ("grpc.max_receive_message_length", limits.max_payload_bytes + MESSAGE_SLACK_BYTES),
+        ("grpc.max_send_message_length", limits.max_response_bytes + MESSAGE_SLACK_BYTES),
+        # Two sidecars must not silently share one TCP port.
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ]
+
+
+def _bind(server: grpc.aio.Server, address: str) -> tuple[str, int, str | None]:
+    """Bind one address; returns the bound address, its TCP port (0 for unix), socket path."""
+    path = unix_path(address)
+    if path is not None:
+        _claim_unix_path(path)
+        old_umask = os.umask(0o177)  # the socket file is created 0600, never wider
+        try:
+            server.add_insecure_port(address)
+        finally:
+            os.umask(old_umask)
+        return address, 0, path
+    port = server.add_insecure_port(address)
+    host = address.rpartition(":")[0]
+    return f"{host}:{port}", port, None
+
+
+def create_server(config: Config) -> tuple[SidecarServer, int]:
+    """Build and bind the sidecar (not started); the port is the first TCP port bound, or 0."""
+    token = resolve_secret(config.auth.token_env, what="auth.token_env") if config.auth else None
+    upstreams = build_upstreams(config)
+    guard = GuardInterceptor(token)
+    server = grpc.aio.server(
+        interceptors=[guard],
+        options=_server_options(config),
+        maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs,
+    )
+    service = SidecarService(config, upstreams)
+    sidecar_pb2_grpc.add_SidecarServicer_to_server(service, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+    reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
+    sidecar = SidecarServer(server, service, guard, health, upstreams, config.shutdown.grace_s)
+    first_port = 0
+    for address in config.listen.grpc:
+        bound, port, path = _bind(server, address)
+        sidecar.addresses.append(bound)
+        if path is not None:
+            sidecar._socket_paths.append(path)
+        first_port = first_port or port
+    return sidecar, first_port
+
+
+async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then drain; returns the process exit code."""
+    sidecar, _ = create_server(config)
+    await sidecar.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("signal received: draining")
+    await sidecar.drain()
+    return 0
+
+
+def run(config: Config) -> int:
+    """Run `serve` on uvloop when it is installed, else on asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return asyncio.run(serve(config))
+    return uvloop.run(serve(config))

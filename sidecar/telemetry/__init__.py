@@ -1,0 +1,1 @@
+"""Logs now; traces and metrics arrive with the observability issue."""

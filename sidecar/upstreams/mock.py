@@ -1,0 +1,231 @@
+"""The built-in upstream: deterministic answers and injected faults, without a network.
+
+Model calls get an OpenAI-shaped answer (chat, streamed chat, embeddings); tool calls get an
+echo of their payload. Every answer carries `"hit": n`, the mock's own sequence number, so a
+replayed answer can be told from a fresh one. Faults are drawn from a seeded generator, so a
+given config fails on the same hits every run:
+
+- `status`: an OpenAI-style error body with `failure_status` (4xx or 5xx);
+- `hang`: never answers (until the caller's timeout cancels it);
+- `reset`: the connection drops (mid-stream for streams, after half the chunks);
+- `garbage`: a body that is not JSON (mid-stream for streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from sidecar.config import MockUpstreamConfig
+from sidecar.errors import InvalidRequestError, UpstreamBadResponseError, UpstreamUnavailableError
+from sidecar.upstreams._aiohttp import raise_for_status
+from sidecar.upstreams.base import Chunk, UpstreamRequest, UpstreamResponse, Usage
+
+CREATED = 1_700_000_000  # a fixed timestamp keeps answers byte-for-byte deterministic
+MODEL_OPERATIONS = ("chat", "", "embeddings")
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _count_tokens(text: str) -> int:
+    return max(1, len(text.split())) if text else 0
+
+
+def _last_message(messages: list[Any]) -> dict[str, Any]:
+    return messages[-1] if messages and isinstance(messages[-1], dict) else {}
+
+
+class MockUpstream:
+    """A deterministic in-process upstream with a hit counter and configurable faults."""
+
+    type = "mock"
+
+    def __init__(self, name: str, config: MockUpstreamConfig) -> None:
+        self.name = name
+        self.kind = config.kind
+        self.timeout_s = config.timeout_s
+        self.supports_stream = config.kind == "model"
+        self._config = config
+        self._latency_s = config.latency_ms / 1000.0
+        self._rng = random.Random(config.seed)
+        self.hits = 0
+
+    async def start(self) -> None:
+        """Nothing to open: the mock has no connections."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits}
+
+    def validate(self, request: UpstreamRequest) -> None:
+        if self.kind != "model":
+            return
+        if request.operation not in MODEL_OPERATIONS:
+            raise InvalidRequestError(
+                f"upstream {self.name!r} has no operation {request.operation!r}; "
+                "expected chat or embeddings",
+                field="operation",
+            )
+        if not isinstance(request.body, dict):
+            raise InvalidRequestError("a model payload must be a JSON object", field="payload")
+        if request.operation != "embeddings" and not isinstance(request.body.get("messages"), list):
+            raise InvalidRequestError("chat payload needs a list of messages", field="payload.messages")
+
+    def _next_hit(self) -> tuple[int, bool]:
+        self.hits += 1
+        rate = self._config.failure_rate
+        return self.hits, rate > 0 and self._rng.random() < rate
+
+    async def _fail_before_answer(self) -> None:
+        kind = self._config.failure_kind
+        if kind == "hang":
+            await asyncio.Event().wait()
+        if kind == "reset":
+            raise UpstreamUnavailableError(
+                f"upstream {self.name!r}: connection failed: connection reset by peer",
+                upstream=self.name,
+            )
+        if kind == "status":
+            status = self._config.failure_status
+            body = orjson.dumps({"error": {"message": f"mock failure {status}", "type": "mock"}})
+            raise_for_status(status, body, {}, upstream=self.name, secret=None)
+
+    def _garbage(self) -> UpstreamBadResponseError:
+        return UpstreamBadResponseError(
+            f"upstream {self.name!r} answered a body that is not JSON", upstream=self.name
+        )
+
+    async def call(self, request: UpstreamRequest) -> UpstreamResponse:
+        hit, fail = self._next_hit()
+        if self._latency_s:
+            await asyncio.sleep(self._latency_s)
+        if fail:
+            await self._fail_before_answer()
+            raise self._garbage()
+        if self.kind == "tool":
+            answer = {"tool": request.operation, "echo": request.body, "hit": hit}
+            return UpstreamResponse(orjson.dumps(answer))
+        if request.operation == "embeddings":
+            return self._embeddings(request.body, hit)
+        answer, usage = self._chat(request.body, hit)
+        return UpstreamResponse(orjson.dumps(answer), usage=usage)
+
+    def _embeddings(self, body: dict[str, Any], hit: int) -> UpstreamResponse:
+        inputs = body.get("input")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        data = []
+        for i, item in enumerate(items):
+            seed = sum(str(item).encode()) % 997
+            data.append({"object": "embedding", "index": i, "embedding": [seed / 997, i / 8, 0.5]})
+        tokens = sum(_count_tokens(str(item)) for item in items)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        answer = {"object": "list", "data": data, "model": body.get("model", "mock-embed")}
+        answer.update(usage=usage, hit=hit)
+        return UpstreamResponse(orjson.dumps(answer), usage=Usage(tokens, 0))
+
+    def _reply(self, body: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        messages = body["messages"]
+        last = _last_message(messages)
+        text = _text_of(last.get("content"))
+        tools = body.get("tools")
+        if tools and last.get("role") != "tool" and isinstance(tools[0], dict):
+            name = tools[0].get("function", {}).get("name", "tool")
+            call = {
+                "id": f"call_{len(messages)}",
+                "type": "function",
+                "function": {"name": name, "arguments": orjson.dumps({"query": text}).decode()},
+            }
+            return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
+        if last.get("role") == "tool":
+            return {"role": "assistant", "content": f"Based on the tool: {text[:200]}"}, "stop"
+        return {"role": "assistant", "content": f"Mock answer to: {text[:200]}"}, "stop"
+
+    def _chat(self, body: dict[str, Any], hit: int) -> tuple[dict[str, Any], Usage]:
+        message, finish = self._reply(body)
+        prompt = sum(_count_tokens(_text_of(m.get("content"))) for m in body["messages"])
+        usage = Usage(prompt, _count_tokens(message.get("content") or "") or 1)
+        answer = {
+            "id": f"chatcmpl-mock-{hit}",
+            "object": "chat.completion",
+            "created": CREATED,
+            "model": body.get("model", "mock-model"),
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "usage": {
+                "prompt_tokens": usage.input_tokens,
+                "completion_tokens": usage.output_tokens,
+                "total_tokens": usage.total_tokens,
+            },
+            "hit": hit,
+        }
+        return answer, usage
+
+    async def stream(self, request: UpstreamRequest) -> AsyncIterator[Chunk]:
+        hit, fail = self._next_hit()
+        if self._latency_s:
+            await asyncio.sleep(self._latency_s)
+        if fail and self._config.failure_kind in ("hang", "status"):
+            await self._fail_before_answer()
+        answer, usage = self._chat(request.body, hit)
+        chunks = self._chunks(answer, hit)
+        cut = len(chunks) // 2 if fail else len(chunks)
+        for data in chunks[:cut]:
+            yield Chunk(data)
+            await asyncio.sleep(0)
+        if fail:
+            if self._config.failure_kind == "reset":
+                await self._fail_before_answer()
+            raise self._garbage()
+        yield Chunk(orjson.dumps(self._usage_chunk(answer, hit)), usage=usage)
+
+    def _chunk(self, answer: dict[str, Any], hit: int, delta: dict[str, Any], finish: Any) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return orjson.dumps(
+            {
+                "id": answer["id"],
+                "object": "chat.completion.chunk",
+                "created": CREATED,
+                "model": answer["model"],
+                "choices": [choice],
+                "hit": hit,
+            }
+        )
+
+    def _chunks(self, answer: dict[str, Any], hit: int) -> list[bytes]:
+        message = answer["choices"][0]["message"]
+        finish = answer["choices"][0]["finish_reason"]
+        out = [self._chunk(answer, hit, {"role": "assistant", "content": ""}, None)]
+        if message.get("tool_calls"):
+            calls = [dict(c, index=i) for i, c in enumerate(message["tool_calls"])]
+            out.append(self._chunk(answer, hit, {"tool_calls": calls}, None))
+        else:
+            words = (message.get("content") or "").split(" ")
+            parts = self._config.stream_chunks
+            step = max(1, -(-len(words) // parts))
+            for i in range(0, len(words), step):
+                piece = " ".join(words[i : i + step]) + (" " if i + step < len(words) else "")
+                out.append(self._chunk(answer, hit, {"content": piece}, None))
+        out.append(self._chunk(answer, hit, {}, finish))
+        return out
+
+    def _usage_chunk(self, answer: dict[str, Any], hit: int) -> dict[str, Any]:
+        return {
+            "id": answer["id"],
+            "object": "chat.completion.chunk",
+            "created": CREATED,
+            "model": answer["model"],
+            "choices": [],
+            "usage": answer["usage"],
+            "hit": hit,
+        }

@@ -1,0 +1,37 @@
+"""Build upstream adapters from configuration."""
+
+from __future__ import annotations
+
+from sidecar.config import (
+    Config,
+    HttpUpstreamConfig,
+    MockUpstreamConfig,
+    OpenAIUpstreamConfig,
+    resolve_secret,
+)
+from sidecar.upstreams.base import Upstream
+
+
+def build_upstream(name: str, config: Config) -> Upstream:
+    """One adapter for `config.upstreams[name]`; ConfigError when its secret is missing."""
+    spec = config.upstreams[name]
+    limit = config.limits.max_response_bytes
+    if isinstance(spec, MockUpstreamConfig):
+        from sidecar.upstreams.mock import MockUpstream
+
+        return MockUpstream(name, spec)
+    api_key = resolve_secret(spec.api_key_env, what=f"upstreams.{name}.api_key_env")
+    if isinstance(spec, OpenAIUpstreamConfig):
+        from sidecar.upstreams.openai import OpenAIUpstream
+
+        return OpenAIUpstream(name, spec, api_key=api_key, max_response_bytes=limit)
+    if isinstance(spec, HttpUpstreamConfig):
+        from sidecar.upstreams.http import HttpUpstream
+
+        return HttpUpstream(name, spec, api_key=api_key, max_response_bytes=limit)
+    raise AssertionError(f"no adapter for upstream type {spec.type!r}")
+
+
+def build_upstreams(config: Config) -> dict[str, Upstream]:
+    """Adapters for every configured upstream, by name."""
+    return {name: build_upstream(name, config) for name in config.upstreams}
