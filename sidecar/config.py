@@ -210,9 +210,12 @@ def _problems(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors(include_url=False, include_input=False):
         message = err["msg"].removeprefix("Value error, ")
+        where = _location(err["loc"], tags)
         if err["type"] == "extra_forbidden":
             message = "unknown key"
-        problems.append(f"{_location(err['loc'], tags)}: {message}")
+        elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            where += ".type"  # the discriminator is the field at fault
+        problems.append(f"{where}: {message}")
     return problems
 
 

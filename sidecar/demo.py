@@ -52,7 +52,10 @@ def _stop(sidecar: subprocess.Popen[bytes]) -> int:
 def run_demo(*, agent: str, steps: int) -> int:
     """Run `agent` against a fresh sidecar; the exit code is the agent's, else the sidecar's."""
     if not Path(agent).is_file():
-        print(f"demo: agent script {agent!r} not found (run from the repository root)", file=sys.stderr)
+        print(
+            f"demo: agent script {agent!r} not found (run from the repository root)",
+            file=sys.stderr,
+        )
         return 2
     with tempfile.TemporaryDirectory(prefix="tether-demo-") as directory:
         config_path, address = _write_config(directory)
@@ -63,7 +66,9 @@ def run_demo(*, agent: str, steps: int) -> int:
             _stop(sidecar)
             return 1
         env = {**os.environ, "TETHER_ADDRESS": address}
-        agent_code = subprocess.run([sys.executable, agent, "--steps", str(steps)], env=env).returncode
+        agent_code = subprocess.run(
+            [sys.executable, agent, "--steps", str(steps)], env=env
+        ).returncode
         sidecar_code = _stop(sidecar)
         print(f"demo: sidecar drained and stopped (exit code {sidecar_code})")
         return agent_code or sidecar_code

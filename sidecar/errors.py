@@ -10,7 +10,7 @@ them into gRPC status codes with rich details. Messages never contain secrets.
     ├── PayloadTooLargeError         request over `limits.max_payload_bytes`
     ├── UnauthenticatedError         missing or wrong bearer token
     ├── DrainingError                the sidecar is shutting down
-    ├── NotImplementedYetError       an RPC whose feature is not enabled
+    ├── NotSupportedError       an RPC whose feature is not enabled
     ├── PolicyError                  the sidecar refused to call (never counted against upstream)
     │   ├── CircuitOpenError
     │   ├── RateLimitedError
@@ -88,7 +88,7 @@ class DrainingError(SidecarError):
     """The sidecar is shutting down and takes no new calls."""
 
 
-class NotImplementedYetError(SidecarError):
+class NotSupportedError(SidecarError):
     """The RPC exists in the contract but its feature is not available in this build."""
 
 

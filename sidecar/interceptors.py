@@ -18,10 +18,11 @@ SIDECAR_PREFIX = "/tether.v1.Sidecar/"
 # Always answered, even while draining: operators need to see the state.
 DRAIN_EXEMPT = frozenset({"/tether.v1.Sidecar/GetStatus"})
 
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+Handler = grpc.RpcMethodHandler[Any, Any]
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
 
 
-def _rejecting(handler: grpc.RpcMethodHandler, exc: errors.SidecarError) -> grpc.RpcMethodHandler:
+def _rejecting(handler: Handler, exc: errors.SidecarError) -> Handler:
     """A handler of the same shape as `handler` that ends the RPC with `exc`'s status."""
     code, message, rich = status.to_rich_status(exc)
     trailer = status.trailing_metadata(rich)
@@ -46,7 +47,7 @@ def _rejecting(handler: grpc.RpcMethodHandler, exc: errors.SidecarError) -> grpc
     return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
 
 
-class GuardInterceptor(grpc.aio.ServerInterceptor):
+class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Checks `authorization: Bearer <token>` (when configured) and the drain flag."""
 
     def __init__(self, token: str | None) -> None:
@@ -64,10 +65,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
+            return handler
         method = handler_call_details.method
         if not self._authorized(handler_call_details) and not method.startswith("/grpc.health"):
             return _rejecting(handler, errors.UnauthenticatedError("missing or wrong bearer token"))

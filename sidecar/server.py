@@ -107,7 +107,8 @@ class SidecarServer:
         """Wait until no call is in flight or the grace is over; returns the grace left."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
-        while self.service.in_flight and loop.time() < deadline:
+        # Polled only while draining, so the hot path keeps no extra bookkeeping.
+        while self.service.in_flight and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         if self.service.in_flight:
             log.warning("grace period over: cancelling %d calls", self.service.in_flight)
@@ -146,8 +147,9 @@ def _bind(server: grpc.aio.Server, address: str) -> tuple[str, int, str | None]:
     return f"{host}:{port}", port, None
 
 
-def create_server(config: Config) -> tuple[SidecarServer, int]:
-    """Build and bind the sidecar (not started); the port is the first TCP port bound, or 0."""
+async def create_server(config: Config) -> tuple[SidecarServer, int]:
+    """Build and bind the sidecar (not started) on the running loop; the port is the first
+    TCP port bound, or 0 when it listens on unix sockets only."""
     token = resolve_secret(config.auth.token_env, what="auth.token_env") if config.auth else None
     upstreams = build_upstreams(config)
     guard = GuardInterceptor(token)
@@ -175,7 +177,7 @@ def create_server(config: Config) -> tuple[SidecarServer, int]:
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain; returns the process exit code."""
-    sidecar, _ = create_server(config)
+    sidecar, _ = await create_server(config)
     await sidecar.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -72,7 +72,7 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException)
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 
-class SidecarService(pb_grpc.SidecarServicer):
+class SidecarService(pb_grpc.SidecarServicer):  # type: ignore[misc]
     """Implements tether.v1.Sidecar over a set of upstream adapters."""
 
     def __init__(self, config: Config, upstreams: dict[str, Upstream]) -> None:
@@ -106,7 +106,9 @@ class SidecarService(pb_grpc.SidecarServicer):
         try:
             body = orjson.loads(request.payload)
         except orjson.JSONDecodeError as exc:
-            raise errors.InvalidRequestError(f"payload is not JSON: {exc}", field="payload") from None
+            raise errors.InvalidRequestError(
+                f"payload is not JSON: {exc}", field="payload"
+            ) from None
         operation = request.operation or DEFAULT_OPERATION[upstream.kind]
         call = UpstreamRequest(
             operation, request.payload, body, request.idempotency_key, request.run_id
@@ -239,7 +241,7 @@ class SidecarService(pb_grpc.SidecarServicer):
     async def _not_yet(self, context: grpc.aio.ServicerContext[Any, Any], what: str) -> NoReturn:
         await abort(
             context,
-            errors.NotImplementedYetError(f"{what} needs the journal, which this build lacks"),
+            errors.NotSupportedError(f"{what} needs the journal, which this build lacks"),
         )
 
     async def BeginCall(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

@@ -13,7 +13,7 @@ and its HTTP status), a `google.rpc.RetryInfo` when waiting would help, and a
 | PayloadTooLargeError           | RESOURCE_EXHAUSTED  | PAYLOAD_TOO_LARGE      |
 | UnauthenticatedError           | UNAUTHENTICATED     | UNAUTHENTICATED        |
 | DrainingError                  | UNAVAILABLE         | DRAINING               |
-| NotImplementedYetError         | UNIMPLEMENTED       | NOT_IMPLEMENTED        |
+| NotSupportedError         | UNIMPLEMENTED       | NOT_IMPLEMENTED        |
 | CircuitOpenError               | UNAVAILABLE         | CIRCUIT_OPEN           |
 | RateLimitedError               | RESOURCE_EXHAUSTED  | RATE_LIMITED           |
 | OverloadedError                | RESOURCE_EXHAUSTED  | OVERLOADED             |
@@ -51,7 +51,7 @@ TABLE: Final[dict[type[errors.SidecarError], tuple[grpc.StatusCode, str]]] = {
     errors.PayloadTooLargeError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "PAYLOAD_TOO_LARGE"),
     errors.UnauthenticatedError: (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
     errors.DrainingError: (grpc.StatusCode.UNAVAILABLE, "DRAINING"),
-    errors.NotImplementedYetError: (grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED"),
+    errors.NotSupportedError: (grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED"),
     errors.CircuitOpenError: (grpc.StatusCode.UNAVAILABLE, "CIRCUIT_OPEN"),
     errors.RateLimitedError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"),
     errors.OverloadedError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED"),
@@ -90,7 +90,7 @@ def classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if not isinstance(exc, errors.SidecarError):
         return INTERNAL
     for cls in type(exc).__mro__:
-        entry = TABLE.get(cls)  # type: ignore[call-overload]
+        entry = TABLE.get(cls)
         if entry is not None:
             code, reason = entry
             if isinstance(exc, errors.UpstreamClientError):

@@ -81,7 +81,9 @@ class MockUpstream:
         if not isinstance(request.body, dict):
             raise InvalidRequestError("a model payload must be a JSON object", field="payload")
         if request.operation != "embeddings" and not isinstance(request.body.get("messages"), list):
-            raise InvalidRequestError("chat payload needs a list of messages", field="payload.messages")
+            raise InvalidRequestError(
+                "chat payload needs a list of messages", field="payload.messages"
+            )
 
     def _next_hit(self) -> tuple[int, bool]:
         self.hits += 1

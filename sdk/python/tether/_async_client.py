@@ -162,7 +162,7 @@ class AsyncClient:
         return AsyncRun(self, run_id)
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -33,7 +33,7 @@ Every error keeps the gRPC `code`, the `reason`, the ErrorInfo `metadata`, and
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -71,7 +71,8 @@ class TetherError(Exception):
         return int(self.metadata.get("http_status", "0"))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.message!r}, code={self.code.name}, reason={self.reason!r})"
+        name = type(self).__name__
+        return f"{name}({self.message!r}, code={self.code.name}, reason={self.reason!r})"
 
 
 class InvalidRequestError(TetherError):
@@ -200,7 +201,7 @@ BY_CODE: Final[dict[grpc.StatusCode, type[TetherError]]] = {
 
 
 def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
-    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    trailers: Any = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
     for key, value in trailers or ():
         if key == DETAILS_KEY and isinstance(value, bytes):
             return status_pb2.Status.FromString(value)
@@ -229,5 +230,3 @@ def from_rpc_error(error: grpc.RpcError) -> TetherError:
     cls = BY_REASON.get(reason) or BY_CODE.get(code, InternalError)
     exc = cls(message, code=code, reason=reason, metadata=metadata, retry_after_s=retry_after)
     return exc
-
-

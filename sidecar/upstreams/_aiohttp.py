@@ -1,0 +1,293 @@
+"""Plumbing shared by the aiohttp-based adapters (`openai`, `http`).
+
+One pooled session per adapter, capped body reads, and the one mapping from HTTP statuses and
+transport failures to `sidecar.errors`. Nothing here times out on its own: the caller's
+`asyncio.timeout` and cancellation are the only clocks. Every text that may reach a caller is
+redacted with the adapter's secret before it leaves this module.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from email.utils import parsedate_to_datetime
+from http import HTTPStatus
+from typing import Any
+
+import aiohttp
+import orjson
+
+from sidecar.config import HttpUpstreamConfig, OpenAIUpstreamConfig
+from sidecar.errors import (
+    InvalidRequestError,
+    UpstreamBadResponseError,
+    UpstreamClientError,
+    UpstreamResponseTooLargeError,
+    UpstreamUnavailableError,
+)
+from sidecar.upstreams.base import Kind, UpstreamRequest
+
+CUT_CHARS = 1024
+ERROR_BODY_BYTES = 64 * 1024  # of an error answer, only this much is read: it is cut anyway
+_READ_CHUNK = 64 * 1024
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_DELTA_SECONDS = re.compile(r"\d+(?:\.\d+)?")
+
+
+def make_session(max_connections: int) -> aiohttp.ClientSession:
+    """A keep-alive pool of `max_connections`, no cookies, no client-side timeouts."""
+    connector = aiohttp.TCPConnector(limit=max_connections)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None),
+        auto_decompress=True,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+def redact(text: str, secret: str | None) -> str:
+    """`text` with every occurrence of `secret` replaced by `***`."""
+    return text.replace(secret, "***") if secret else text
+
+
+def cut(text: str, n: int = CUT_CHARS) -> str:
+    """At most `n` characters of `text`."""
+    return text if len(text) <= n else text[:n]
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """A `Retry-After` header (delta-seconds or HTTP-date) as seconds from now, never negative."""
+    if not value or not (value := value.strip()):
+        return None
+    if _DELTA_SECONDS.fullmatch(value):
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _decoded(body: bytes, secret: str | None) -> str:
+    return redact(body.decode("utf-8", "replace"), secret)
+
+
+def provider_message(error: Any) -> str | None:
+    """The `message` of an OpenAI-style `error` value (object or bare string), if any."""
+    if isinstance(error, dict):
+        error = error.get("message")
+    return error if isinstance(error, str) and error else None
+
+
+def _reason(body: bytes) -> str:
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        obj = None
+    message = provider_message(obj.get("error")) if isinstance(obj, dict) else None
+    return message if message is not None else body.decode("utf-8", "replace").strip()
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "(no reason given)"
+
+
+def raise_for_status(
+    status: int, body: bytes, headers: Mapping[str, str], *, upstream: str, secret: str | None
+) -> None:
+    """Return on 2xx; raise UpstreamClientError on 4xx, UpstreamUnavailableError otherwise."""
+    if 200 <= status < 300:
+        return
+    reason = cut(redact(_reason(body), secret)) or _phrase(status)
+    message = f"upstream {upstream!r} answered {status}: {reason}"
+    retry_after = parse_retry_after(headers.get("Retry-After"))
+    if 400 <= status < 500:
+        raise UpstreamClientError(
+            message,
+            upstream=upstream,
+            http_status=status,
+            body=cut(_decoded(body, secret)),
+            retry_after_s=retry_after,
+        )
+    raise UpstreamUnavailableError(
+        message, upstream=upstream, http_status=status, retry_after_s=retry_after
+    )
+
+
+def too_large(upstream: str, limit: int) -> UpstreamResponseTooLargeError:
+    return UpstreamResponseTooLargeError(
+        f"upstream {upstream!r} answered more than the limit of {limit} bytes", upstream=upstream
+    )
+
+
+def not_json(
+    upstream: str, status: int, body: bytes, why: str, secret: str | None
+) -> UpstreamBadResponseError:
+    """The error for a 2xx body that is not the JSON the protocol promises."""
+    sample = cut(_decoded(body, secret), 200)
+    return UpstreamBadResponseError(
+        f"upstream {upstream!r} answered {status} with a body that is not JSON ({why}): {sample!r}",
+        upstream=upstream,
+        http_status=status,
+    )
+
+
+async def read_capped(resp: aiohttp.ClientResponse, limit: int, *, upstream: str) -> bytes:
+    """The whole body; UpstreamResponseTooLargeError as soon as it exceeds `limit` bytes."""
+    # Content-Length counts encoded bytes; only trust it when no decoding will change the size.
+    encoded = resp.headers.get("Content-Encoding", "identity").lower() != "identity"
+    if not encoded and resp.content_length is not None and resp.content_length > limit:
+        raise too_large(upstream, limit)
+    body = bytearray()
+    async for data in resp.content.iter_chunked(_READ_CHUNK):
+        body += data
+        if len(body) > limit:
+            raise too_large(upstream, limit)
+    return bytes(body)
+
+
+async def read_prefix(resp: aiohttp.ClientResponse, n: int) -> bytes:
+    """At most the first `n` bytes of the body, never an error for a longer one."""
+    body = bytearray()
+    while len(body) < n and (data := await resp.content.read(n - len(body))):
+        body += data
+    return bytes(body)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        refused = isinstance(exc.os_error, ConnectionRefusedError)
+        kind = "refused" if refused else "cannot connect"
+    elif isinstance(exc, ConnectionRefusedError):
+        kind = "refused"
+    elif isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        kind = "disconnected"
+    else:
+        kind = "reset"
+    return f"{kind} ({type(exc).__name__}: {exc})" if str(exc) else f"{kind} ({type(exc).__name__})"
+
+
+@contextmanager
+def transport_errors(upstream: str, secret: str | None = None) -> Iterator[None]:
+    """Turn aiohttp transport failures into UpstreamError; timeouts and cancellation pass."""
+    try:
+        yield
+    except TimeoutError:
+        raise
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
+        detail = redact(_describe(exc), secret)
+        raise UpstreamUnavailableError(
+            f"upstream {upstream!r}: connection failed: {detail}", upstream=upstream
+        ) from None
+    except aiohttp.ClientResponseError as exc:  # malformed status line or headers
+        raise UpstreamBadResponseError(
+            f"upstream {upstream!r}: malformed HTTP response: {redact(exc.message, secret)}",
+            upstream=upstream,
+        ) from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailableError(
+            f"upstream {upstream!r}: request failed: {redact(repr(exc), secret)}",
+            upstream=upstream,
+        ) from None
+
+
+def check_header(value: str, *, field: str) -> None:
+    """InvalidRequestError when `value` cannot travel in an HTTP header (CR, LF, NUL...)."""
+    if _CONTROL_CHARS.search(value) is not None:
+        raise InvalidRequestError(f"{field} must not contain control characters", field=field)
+
+
+def base_headers(api_key: str | None, extra: Mapping[str, str]) -> dict[str, str]:
+    """The headers every request carries: JSON, the bearer key when set, then the config's."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    headers.update(extra)
+    return headers
+
+
+class PooledUpstream:
+    """State and lifecycle shared by the aiohttp adapters: one pooled session, static headers."""
+
+    def __init__(
+        self,
+        name: str,
+        config: OpenAIUpstreamConfig | HttpUpstreamConfig,
+        *,
+        api_key: str | None,
+        max_response_bytes: int,
+        target: str,
+    ) -> None:
+        self.name = name
+        self.kind: Kind = config.kind
+        self.timeout_s = config.timeout_s
+        self._target = target
+        self._secret = api_key or None
+        self._limit = max_response_bytes
+        self._max_connections = config.max_connections
+        self._headers = base_headers(api_key, config.headers)
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, url={self._target!r})"
+
+    async def start(self) -> None:
+        """Open the connection pool; must run inside the event loop."""
+        if self._session is None:
+            self._session = make_session(self._max_connections)
+
+    async def close(self) -> None:
+        """Close the pool and its connections."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    def _headers_for(self, request: UpstreamRequest) -> Mapping[str, str]:
+        key = request.idempotency_key
+        if not key:
+            return self._headers
+        check_header(key, field="idempotency_key")
+        return {**self._headers, "Idempotency-Key": key}
+
+    def _pool(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError(f"upstream {self.name!r} is not started")
+        return self._session
+
+    async def _post(
+        self, url: str, data: bytes, headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
+        """POST `data`; the response once its headers arrived (redirects are not followed)."""
+        with transport_errors(self.name, self._secret):
+            return await self._pool().post(url, data=data, headers=headers, allow_redirects=False)
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The capped body of a 2xx, the first bytes of any other; closes the link on failure."""
+        try:
+            with transport_errors(self.name, self._secret):
+                if 200 <= resp.status < 300:
+                    body = await read_capped(resp, self._limit, upstream=self.name)
+                else:
+                    body = await read_prefix(resp, min(self._limit, ERROR_BODY_BYTES))
+        except BaseException:
+            resp.close()  # abort on the wire: the upstream sees the disconnect
+            raise
+        resp.release()  # pooled again only when the body was read to its end
+        return body
+
+    async def _fetch(self, url: str, data: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
+        """POST, read the capped body, map non-2xx to errors; `(status, body)`."""
+        resp = await self._post(url, data, headers)
+        body = await self._read(resp)
+        raise_for_status(resp.status, body, resp.headers, upstream=self.name, secret=self._secret)
+        return resp.status, body

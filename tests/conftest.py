@@ -1,0 +1,38 @@
+"""Shared test fixtures: clean global state, and the policy for tests that need services."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REQUIRE_SERVICES = os.environ.get("TETHER_REQUIRE_SERVICES") == "1"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts without the SDK's and sidecar's environment variables."""
+    for name in ("TETHER_ADDRESS", "TETHER_TOKEN", "TETHER_LOG_LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def require_service(name: str, available: bool, why: str) -> None:
+    """Skip when a service is missing, unless TETHER_REQUIRE_SERVICES=1 makes that a failure."""
+    if available:
+        return
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{name} is required (TETHER_REQUIRE_SERVICES=1) but unavailable: {why}")
+    pytest.skip(f"{name} unavailable: {why}")
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short temporary directory: unix socket paths must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="tt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

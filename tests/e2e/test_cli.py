@@ -1,0 +1,120 @@
+"""The `tether` command line: check-config, demo, status, and secrets kept out of output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tether
+from sidecar.cli import main
+from tests.conftest import ROOT
+from tests.e2e.processes import start_sidecar, stop, write_config
+from tests.integration.support import LoopThread, UpstreamApp
+
+BAD_CONFIGS = {
+    "unknown type": ("upstreams:\n  x: {kind: tool, type: ftp}\n", "upstreams.x.type"),
+    "missing url": ("upstreams:\n  s: {kind: tool, type: http}\n", "upstreams.s.url"),
+    "negative timeout": (
+        "upstreams:\n  m: {kind: model, type: mock, timeout_s: -2}\n",
+        "upstreams.m.timeout_s",
+    ),
+    "unknown key": ("limits:\n  max_payload: 10\n", "limits.max_payload"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_check_config_rejects_with_field_path(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each bad config exits 2 and names the field at fault."""
+    text, field = BAD_CONFIGS[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{field}:" in err
+
+
+def test_check_config_process_exit_codes(tmp_path: Path) -> None:
+    """As a process: ok and exit 0 for a good file, exit 2 for a bad one."""
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("upstreams:\n  m: {kind: model, type: mock}\n")
+    bad.write_text("upstreams:\n  m: {kind: model, type: mock, latency_ms: -1}\n")
+    command = [sys.executable, "-m", "sidecar", "check-config"]
+    ok = subprocess.run([*command, str(good)], capture_output=True, text=True)
+    assert (ok.returncode, ok.stdout.strip()) == (0, "ok")
+    failed = subprocess.run([*command, str(bad)], capture_output=True, text=True)
+    assert failed.returncode == 2 and "upstreams.m.latency_ms" in failed.stderr
+
+
+def test_check_config_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
+    """A file that cannot be read is a clear error, exit 2."""
+    assert main(["check-config", "/nonexistent/tether.yaml"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_serve_with_missing_secret_exits_2(tmp_path: Path) -> None:
+    """serve refuses a config whose secret variable is unset, naming the variable."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "listen: {grpc: 'unix:" + str(tmp_path) + "/t.sock', metrics: null}\n"
+        "upstreams:\n  llm: {type: openai, base_url: 'http://127.0.0.1:1', api_key_env: TT_NOPE}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--config", str(path)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "TT_NOPE" in proc.stderr
+
+
+def test_demo_runs_end_to_end() -> None:
+    """`tether demo` starts a sidecar, runs the demo agent through it and stops it cleanly."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "demo", "--steps", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "== summary:" in proc.stdout
+    assert "sidecar drained and stopped (exit code 0)" in proc.stdout
+    assert "UpstreamUnavailableError" in proc.stdout  # the flaky upstream's injected faults
+
+
+def test_status_command(short_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`tether status` prints each upstream of a running sidecar."""
+    config, address = write_config(short_tmp, {"m1": {"kind": "model", "type": "mock"}})
+    proc = start_sidecar(config, address)
+    try:
+        assert main(["status", "--address", address]) == 0
+        assert "m1" in capsys.readouterr().out
+    finally:
+        assert stop(proc) == 0
+    assert main(["status", "--address", address, "--timeout-s", "1"]) == 1
+
+
+def test_api_key_never_in_errors_or_logs(short_tmp: Path) -> None:
+    """The API key reaches the upstream but never the caller's error or the sidecar's logs."""
+    secret = "sk-test-DO-NOT-LEAK-1234567890"
+    loop = LoopThread()
+    app = UpstreamApp()
+    loop.run(app.start())
+    try:
+        upstreams = {"llm": {"type": "openai", "base_url": f"{app.url}/echo-auth",
+                             "api_key_env": "TT_API_KEY"}}  # fmt: skip
+        config, address = write_config(short_tmp, upstreams)
+        log = short_tmp / "sidecar.log"
+        proc = start_sidecar(config, address, env={"TT_API_KEY": secret}, log=log)
+        with tether.Client(address) as client, pytest.raises(tether.UpstreamClientError) as info:
+            client.model("llm", {"model": "m", "messages": []})
+        assert stop(proc) == 0
+    finally:
+        loop.run(app.stop())
+        loop.stop()
+    assert app.seen[0].headers["Authorization"] == f"Bearer {secret}"
+    err = info.value
+    assert err.http_status == 401
+    assert secret not in err.message and secret not in err.body and secret not in str(err.metadata)
+    assert "Incorrect API key provided" in err.message
+    assert secret not in log.read_text()

@@ -1,0 +1,99 @@
+"""SDK -> sidecar -> real aiohttp upstream on loopback, sync and async, unary and streaming."""
+
+from __future__ import annotations
+
+import contextlib
+
+import orjson
+
+import tether
+from sidecar.server import SidecarServer
+from tests.integration.support import UpstreamApp
+
+CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+
+
+def test_sync_model_call_passes_payload_exactly(address: str, upstream: UpstreamApp) -> None:
+    """A sync model call reaches the upstream byte for byte and returns its answer and usage."""
+    with tether.Client(address) as client:
+        result = client.model("llm", CHAT)
+    assert [s.path for s in upstream.seen] == ["/v1/chat/completions"]
+    assert upstream.seen[0].body == orjson.dumps(CHAT)
+    assert result.json()["choices"][0]["message"]["content"] == "echo: hi"
+    assert (result.usage.input_tokens, result.usage.output_tokens) == (7, 3)
+    assert (result.upstream, result.upstream_status, result.attempts) == ("llm", 200, 1)
+
+
+async def test_async_model_call_over_tcp(sidecar: SidecarServer, upstream: UpstreamApp) -> None:
+    """The asyncio client over loopback TCP gets the same answer; raw bytes pass unchanged."""
+    raw = b'{"messages": [{"role": "user", "content": "raw"}],   "model": "x"}'
+    async with tether.AsyncClient(sidecar.addresses[1]) as client:
+        result = await client.model("llm", raw)
+    assert upstream.seen[0].body == raw
+    assert result.json()["choices"][0]["message"]["content"] == "echo: raw"
+
+
+def test_sync_tool_call(address: str, upstream: UpstreamApp) -> None:
+    """A tool call POSTs the payload to the tool URL with its name and key as headers."""
+    with tether.Client(address) as client:
+        result = client.tool("search", {"q": "tether"}, name="web_search", idempotency_key="k1")
+    seen = upstream.seen[0]
+    assert (seen.path, seen.body) == ("/tool", b'{"q":"tether"}')
+    assert seen.headers["X-Tether-Operation"] == "web_search"
+    assert seen.headers["Idempotency-Key"] == "k1"
+    assert result.json() == {"result": {"q": "tether"}}
+
+
+async def test_async_tool_call(address: str, upstream: UpstreamApp) -> None:
+    """The asyncio client's tool call returns the tool's JSON body."""
+    async with tether.AsyncClient(address) as client:
+        result = await client.tool("search", [1, 2, 3])
+    assert upstream.seen[0].body == b"[1,2,3]"
+    assert result.json() == {"result": [1, 2, 3]}
+
+
+def test_sync_stream(address: str, upstream: UpstreamApp) -> None:
+    """A streamed call yields the upstream's chunks in order, then its usage."""
+    with tether.Client(address) as client:
+        stream = client.stream_model("llm", CHAT)
+        chunks = list(stream)
+    sent = orjson.loads(upstream.seen[0].body)
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    text = "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"])
+    assert text == "Hello from the stream"
+    assert stream.summary.usage.total_tokens == 9
+    assert stream.summary.upstream == "llm"
+
+
+async def test_async_stream(address: str) -> None:
+    """The asyncio client streams the same chunks."""
+    async with tether.AsyncClient(address) as client:
+        stream = client.stream_model("llm", CHAT)
+        chunks = [c async for c in stream]
+    assert len(chunks) == 5
+    assert stream.summary.done and stream.summary.usage.output_tokens == 4
+
+
+def test_run_handle_sends_run_and_keys(address: str, upstream: UpstreamApp) -> None:
+    """A run handle forwards run-derived idempotency keys to the upstream."""
+    with tether.Client(address) as client:
+        run = client.run("run-7")
+        run.model("llm", CHAT)
+        run.tool("search", {})
+    keys = [s.headers.get("Idempotency-Key") for s in upstream.seen]
+    assert keys == ["run-7:1", "run-7:2"]
+
+
+def test_status_reports_counters_and_hits(address: str) -> None:
+    """GetStatus shows calls, errors, in-flight and the mock's hit counter."""
+    with tether.Client(address) as client:
+        client.model("mock", CHAT)
+        client.model("mock", CHAT)
+        with contextlib.suppress(tether.UpstreamError):
+            client.model("broken", CHAT)
+        status = client.status()
+    assert status.serving and status.config_version
+    assert (status.upstreams["mock"].calls, status.upstreams["mock"].hits) == (2, 2)
+    assert (status.upstreams["broken"].calls, status.upstreams["broken"].errors) == (1, 1)
+    assert status.upstreams["llm"].kind == "model" and status.upstreams["search"].kind == "tool"
+    assert status.in_flight == 0

@@ -1,0 +1,129 @@
+"""Configuration parsing and validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.config import (
+    ConfigError,
+    MockUpstreamConfig,
+    default_config,
+    load_config_text,
+    resolve_secret,
+)
+
+GOOD = """
+listen:
+  grpc: unix:tether.sock
+  metrics: 127.0.0.1:9464
+upstreams:
+  llm:    {kind: model, type: openai, base_url: "https://api.openai.com/v1", api_key_env: OPENAI_API_KEY, timeout_s: 60}
+  search: {kind: tool,  type: http,   url: "http://127.0.0.1:8080/search", timeout_s: 10}
+  mock:   {kind: model, type: mock,   latency_ms: 20, failure_rate: 0.0}
+"""
+
+
+def problems_of(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, "test.yaml")
+    return info.value.problems
+
+
+def test_issue_example_parses() -> None:
+    """The example configuration of the issue is valid as written."""
+    config = load_config_text(GOOD)
+    assert config.listen.grpc == ["unix:tether.sock"]
+    assert set(config.upstreams) == {"llm", "search", "mock"}
+    assert isinstance(config.upstreams["mock"], MockUpstreamConfig)
+    assert config.upstreams["search"].timeout_s == 10
+
+
+def test_unknown_upstream_type_names_field() -> None:
+    """An unknown upstream type is reported at upstreams.<name>.type."""
+    problems = problems_of("upstreams:\n  x: {kind: tool, type: ftp}\n")
+    assert len(problems) == 1
+    assert problems[0].startswith("upstreams.x.type:")
+    assert "'ftp'" in problems[0]
+
+
+def test_missing_url_names_field() -> None:
+    """A missing url is reported with its path, without the discriminator tag."""
+    assert problems_of("upstreams:\n  s: {kind: tool, type: http}\n") == [
+        "upstreams.s.url: Field required"
+    ]
+
+
+def test_negative_timeout_names_field() -> None:
+    """A negative timeout is reported at its field path."""
+    problems = problems_of("upstreams:\n  m: {kind: model, type: mock, timeout_s: -1}\n")
+    assert problems == ["upstreams.m.timeout_s: Input should be greater than 0"]
+
+
+def test_unknown_key_is_an_error() -> None:
+    """A typo in a key is an error naming the key, not silently ignored."""
+    assert problems_of("listen:\n  grcp: unix:x.sock\n") == ["listen.grcp: unknown key"]
+
+
+def test_every_problem_is_listed() -> None:
+    """Several problems in one file are all reported, one per line."""
+    text = "upstreams:\n  a: {kind: tool, type: http}\n  b: {kind: mock, type: mock}\nextra: 1\n"
+    problems = problems_of(text)
+    assert "upstreams.a.url: Field required" in problems
+    assert any(p.startswith("upstreams.b.kind:") for p in problems)
+    assert "extra: unknown key" in problems
+
+
+def test_yaml_syntax_error_has_line() -> None:
+    """Broken YAML is reported with its line and column."""
+    problems = problems_of("upstreams:\n  a: {kind: tool\n")
+    assert problems[0].startswith("(yaml) line ")
+
+
+def test_remote_listen_requires_opt_in() -> None:
+    """TCP binds beyond loopback only with listen.allow_remote."""
+    problems = problems_of("listen:\n  grpc: 0.0.0.0:7700\n")
+    assert "not a loopback address" in problems[0]
+    config = load_config_text("listen:\n  grpc: 0.0.0.0:7700\n  allow_remote: true\n")
+    assert config.listen.grpc == ["0.0.0.0:7700"]
+
+
+def test_malformed_address_rejected() -> None:
+    """An address that is neither host:port nor unix:PATH names listen.grpc."""
+    problems = problems_of("listen:\n  grpc: [localhost]\n")
+    assert problems[0].startswith("listen.grpc:")
+
+
+def test_top_level_must_be_mapping() -> None:
+    """A file that is a list, not a mapping, is a clear error."""
+    assert "expected a mapping" in problems_of("- a\n- b\n")[0]
+
+
+def test_defaults_are_valid_and_offline() -> None:
+    """The embedded defaults parse and use only built-in mock upstreams."""
+    config = default_config()
+    assert config.upstreams
+    assert all(u.type == "mock" for u in config.upstreams.values())
+
+
+def test_idempotent_defaults_by_kind() -> None:
+    """Model upstreams are idempotent by default, tools are not, unless configured."""
+    config = load_config_text(GOOD)
+    assert config.upstreams["llm"].is_idempotent
+    assert not config.upstreams["search"].is_idempotent
+
+
+def test_missing_secret_names_variable_not_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing secret names the variable; a present one is returned."""
+    monkeypatch.delenv("TT_SECRET", raising=False)
+    with pytest.raises(ConfigError) as info:
+        resolve_secret("TT_SECRET", what="upstreams.llm.api_key_env")
+    assert "TT_SECRET" in str(info.value)
+    monkeypatch.setenv("TT_SECRET", "sk-very-secret")
+    assert resolve_secret("TT_SECRET", what="x") == "sk-very-secret"
+
+
+def test_config_is_frozen() -> None:
+    """Configuration objects cannot be mutated after validation."""
+    config = load_config_text(GOOD)
+    with pytest.raises(ValueError):
+        config.limits.max_payload_bytes = 1  # type: ignore[misc]
