@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -18,7 +18,10 @@ SIDECAR_PREFIX = "/tether.v1.Sidecar/"
 # Always answered, even while draining: operators need to see the state.
 DRAIN_EXEMPT = frozenset({"/tether.v1.Sidecar/GetStatus"})
 
-Handler = grpc.RpcMethodHandler[Any, Any]
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
 
 
