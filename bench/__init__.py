@@ -1,0 +1,1 @@
+"""Benchmarks for Tether (run from the repository root: `python -m bench.<name>`)."""
