@@ -103,7 +103,9 @@ async def measure(url: str, address: str, calls: int, rounds: int) -> None:
     ):
 
         async def direct() -> object:
-            async with session.post(f"{url}/v1/chat/completions", data=PAYLOAD, headers=headers) as r:
+            async with session.post(
+                f"{url}/v1/chat/completions", data=PAYLOAD, headers=headers
+            ) as r:
                 return await r.read()
 
         async def via_httpx() -> object:
@@ -118,7 +120,7 @@ async def measure(url: str, address: str, calls: int, rounds: int) -> None:
             "sidecar-mock": lambda: client.model("mock", PAYLOAD),
         }
         samples: dict[str, list[float]] = {name: [] for name in cases}
-        for name, fn in cases.items():  # warm up
+        for fn in cases.values():  # warm up
             await timed(fn, 200)
         for _ in range(rounds):  # alternate A/B so drift hits every case alike
             for name, fn in cases.items():
@@ -127,7 +129,12 @@ async def measure(url: str, address: str, calls: int, rounds: int) -> None:
         for name, values in samples.items():
             print(row(name, values))
         print("\n| path | calls/s at concurrency 32 |\n| --- | --- |")
-        for name in ("direct-http (aiohttp)", "direct-http (httpx)", "sidecar-openai", "sidecar-mock"):
+        for name in (
+            "direct-http (aiohttp)",
+            "direct-http (httpx)",
+            "sidecar-openai",
+            "sidecar-mock",
+        ):
             print(f"| {name} | {await throughput(cases[name], calls, 32):.0f} |")
 
 
@@ -139,7 +146,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tb-") as tmp:
         up, sidecar, url, address = start_processes(Path(tmp))
         try:
-            os.sched_setaffinity(0, {1}) if shutil.which("taskset") else None
+            if shutil.which("taskset"):
+                os.sched_setaffinity(0, {1})
             asyncio.run(measure(url, address, args.calls, args.rounds))
         finally:
             sidecar.send_signal(signal.SIGTERM)

@@ -20,7 +20,9 @@ CHUNK = (
     b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","model":"bench",'
     b'"choices":[{"index":0,"delta":{"content":"ok"}}]}\n\n'
 )
-USAGE = b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}\n\n'
+USAGE = (
+    b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}\n\n'
+)
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
