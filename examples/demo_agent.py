@@ -89,7 +89,11 @@ def summary(rec: Recorder, status: tether.Status, elapsed_s: float) -> None:
     print(f"\n== summary: {total} calls in {elapsed_s:.2f} s, {sum(rec.errors.values())} errors ==")
     print(f"{'upstream':<14}{'calls':>6}{'errors':>8}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}")
     for name, values in sorted(rec.latency_ms.items()):
-        p95 = statistics.quantiles(values, n=20, method="inclusive")[-1] if len(values) > 1 else values[0]
+        p95 = (
+            statistics.quantiles(values, n=20, method="inclusive")[-1]
+            if len(values) > 1
+            else values[0]
+        )
         err = rec.error_upstreams[name]
         print(f"{name:<14}{len(values):>6}{err:>8}{statistics.median(values):>9.1f}"
               f"{p95:>9.1f}{max(values):>9.1f}")  # fmt: skip
