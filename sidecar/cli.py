@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the demo agent through a sidecar on mock upstreams")
     demo.add_argument("--agent", default="examples/demo_agent.py", help="agent script to run")
-    demo.add_argument("--steps", type=int, default=12, help="agent loop iterations")
+    demo.add_argument("--steps", type=int, default=24, help="agent loop iterations")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -113,15 +113,84 @@ class AuthConfig(_Model):
     token_env: str = Field(min_length=1)
 
 
+RetryCondition = (
+    Literal["unavailable", "deadline", "bad_response"] | Annotated[int, Field(ge=400, le=599)]
+)
+DEFAULT_RETRY_ON: tuple[RetryCondition, ...] = ("unavailable", "deadline", 429, 500, 502, 503, 504)
+
+
+class RetryPolicy(_Model):
+    """Retries with exponential backoff and full jitter, bounded by a per-upstream budget."""
+
+    max_attempts: int = Field(4, ge=1, le=20)
+    backoff_initial_s: float = Field(0.2, ge=0)
+    backoff_max_s: float = Field(10.0, ge=0)
+    jitter: Literal["full", "none"] = "full"
+    retry_on: list[RetryCondition] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON))
+    budget_ratio: float = Field(0.2, ge=0, le=10)
+    budget_min_retries: int = Field(3, ge=0)
+    budget_window_s: int = Field(10, ge=1, le=3600)
+
+
+class BreakerPolicy(_Model):
+    """Opens after `fail_max` consecutive failures; probes again after `reset_timeout_s`."""
+
+    fail_max: int = Field(5, ge=1)
+    reset_timeout_s: float = Field(30.0, gt=0)
+    success_threshold: int = Field(1, ge=1)
+    half_open_probes: int = Field(1, ge=1)
+
+
+class RateLimitPolicy(_Model):
+    """Requests per second with a burst, and model tokens per minute."""
+
+    requests_per_s: float | None = Field(None, gt=0)
+    burst: float | None = Field(None, ge=1)
+    tokens_per_min: int | None = Field(None, gt=0)
+    mode: Literal["wait", "reject"] = "wait"
+    max_wait_s: float = Field(5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> RateLimitPolicy:
+        if self.requests_per_s is None and self.tokens_per_min is None:
+            raise ValueError("set requests_per_s, tokens_per_min or both")
+        return self
+
+
+class BulkheadPolicy(_Model):
+    """At most `max_in_flight` calls at once, `max_queue` more waiting `queue_timeout_s`."""
+
+    max_in_flight: int = Field(32, ge=1)
+    max_queue: int = Field(64, ge=0)
+    queue_timeout_s: float = Field(2.0, ge=0)
+
+
+class Policies(_Model):
+    """Per-upstream policies; `null` turns a default-on policy off."""
+
+    timeout_s: float | None = Field(None, gt=0)  # per attempt; else the upstream's timeout_s
+    retry: RetryPolicy | None = Field(default_factory=RetryPolicy)
+    breaker: BreakerPolicy | None = Field(default_factory=BreakerPolicy)
+    rate_limit: RateLimitPolicy | None = None
+    bulkhead: BulkheadPolicy | None = Field(default_factory=BulkheadPolicy)
+    fallback: list[str] = Field(default_factory=list)
+
+
 class _UpstreamBase(_Model):
     kind: Literal["model", "tool"]
     timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0)
+    policies: Policies = Field(default_factory=Policies)
     # Whether re-sending the same request is harmless; model upstreams default to yes.
     idempotent: bool | None = None
 
     @property
     def is_idempotent(self) -> bool:
         return self.kind == "model" if self.idempotent is None else self.idempotent
+
+    @property
+    def attempt_timeout_s(self) -> float:
+        """The per-attempt timeout: `policies.timeout_s`, else `timeout_s`."""
+        return self.policies.timeout_s or self.timeout_s
 
 
 class OpenAIUpstreamConfig(_UpstreamBase):
@@ -146,20 +215,35 @@ class HttpUpstreamConfig(_UpstreamBase):
     max_connections: int = Field(100, gt=0)
 
 
+class MockOutage(_Model):
+    """A phase where every call fails: from hit `after_hits` + 1, for `duration_s` seconds."""
+
+    after_hits: int = Field(ge=0)
+    duration_s: float = Field(gt=0)
+
+
 class MockUpstreamConfig(_UpstreamBase):
     """The built-in deterministic upstream: no network, configurable faults."""
 
     type: Literal["mock"]
     latency_ms: float = Field(0.0, ge=0)
     failure_rate: float = Field(0.0, ge=0, le=1)
+    fail_first: int = Field(0, ge=0)
+    outage: MockOutage | None = None
     failure_kind: Literal["status", "hang", "reset", "garbage"] = "status"
     failure_status: int = Field(503, ge=400, le=599)
     seed: int = 0
     stream_chunks: int = Field(4, ge=1)
 
 
+class GuardedUpstreamConfig(_UpstreamBase):
+    """A dependency the agent calls itself; the sidecar only guards it (BeginCall/EndCall)."""
+
+    type: Literal["guarded"]
+
+
 UpstreamConfig = Annotated[
-    OpenAIUpstreamConfig | HttpUpstreamConfig | MockUpstreamConfig,
+    OpenAIUpstreamConfig | HttpUpstreamConfig | MockUpstreamConfig | GuardedUpstreamConfig,
     Field(discriminator="type"),
 ]
 
@@ -206,7 +290,7 @@ def _location(loc: tuple[int | str, ...], tags: set[str]) -> str:
 
 
 def _problems(exc: ValidationError) -> list[str]:
-    tags = {"openai", "http", "mock"}
+    tags = {"openai", "http", "mock", "guarded"}
     problems = []
     for err in exc.errors(include_url=False, include_input=False):
         message = err["msg"].removeprefix("Value error, ")
@@ -219,6 +303,26 @@ def _problems(exc: ValidationError) -> list[str]:
     return problems
 
 
+def _cross_check(config: Config) -> list[str]:
+    """Problems between fields (fallbacks must name other upstreams of the same kind)."""
+    problems = []
+    for name, spec in config.upstreams.items():
+        where = f"upstreams.{name}.policies.fallback"
+        seen: set[str] = set()
+        for other in spec.policies.fallback:
+            target = config.upstreams.get(other)
+            if other == name or other in seen:
+                problems.append(f"{where}: {other!r} is listed twice or is the upstream itself")
+            elif target is None:
+                problems.append(f"{where}: no upstream named {other!r}")
+            elif target.kind != spec.kind:
+                problems.append(f"{where}: {other!r} is a {target.kind}, not a {spec.kind}")
+            elif isinstance(target, GuardedUpstreamConfig):
+                problems.append(f"{where}: {other!r} is guarded; the sidecar cannot call it")
+            seen.add(other)
+    return problems
+
+
 def parse_config(data: Any, source: str = "<config>") -> Config:
     """Validate already-loaded YAML data; ConfigError names each bad field."""
     if data is None:
@@ -226,9 +330,13 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     if not isinstance(data, dict):
         raise ConfigError(source, [f"(top level): expected a mapping, got {type(data).__name__}"])
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(source, _problems(exc)) from None
+    problems = _cross_check(config)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
 
 
 def load_config_text(text: str, source: str = "<config>") -> Config:

@@ -129,16 +129,27 @@ class UpstreamError(SidecarError):
         super().__init__(message, retry_after_s=retry_after_s)
         self.upstream = upstream
         self.http_status = http_status
+        self.attempts = 0  # upstream attempts made for the call, set by the pipeline
 
     def metadata(self) -> dict[str, str]:
         meta = {"upstream": self.upstream}
         if self.http_status:
             meta["http_status"] = str(self.http_status)
+        if self.attempts:
+            meta["attempts"] = str(self.attempts)
         return meta
 
 
 class UpstreamTimeoutError(UpstreamError):
-    """The upstream did not answer within the per-attempt timeout or the caller's deadline."""
+    """The upstream did not answer within the per-attempt timeout or the caller's deadline.
+
+    `caller_deadline` is true when the caller's deadline, not the upstream's own timeout, cut
+    the attempt: that says nothing about the upstream's health.
+    """
+
+    def __init__(self, message: str, *, upstream: str, caller_deadline: bool = False) -> None:
+        super().__init__(message, upstream=upstream)
+        self.caller_deadline = caller_deadline
 
 
 class UpstreamUnavailableError(UpstreamError):

@@ -2,8 +2,9 @@
 
 Model calls get an OpenAI-shaped answer (chat, streamed chat, embeddings); tool calls get an
 echo of their payload. Every answer carries `"hit": n`, the mock's own sequence number, so a
-replayed answer can be told from a fresh one. Faults are drawn from a seeded generator, so a
-given config fails on the same hits every run:
+replayed answer can be told from a fresh one. Faults are drawn from a seeded generator (plus
+`fail_first` hits and an optional timed `outage`), so a given config fails on the same hits
+every run:
 
 - `status`: an OpenAI-style error body with `failure_status` (4xx or 5xx);
 - `hang`: never answers (until the caller's timeout cancels it);
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -58,6 +60,7 @@ class MockUpstream:
         self._config = config
         self._latency_s = config.latency_ms / 1000.0
         self._rng = random.Random(config.seed)
+        self._outage_started: float | None = None
         self.hits = 0
 
     async def start(self) -> None:
@@ -88,7 +91,17 @@ class MockUpstream:
     def _next_hit(self) -> tuple[int, bool]:
         self.hits += 1
         rate = self._config.failure_rate
-        return self.hits, rate > 0 and self._rng.random() < rate
+        drawn = rate > 0 and self._rng.random() < rate
+        return self.hits, drawn or self.hits <= self._config.fail_first or self._in_outage()
+
+    def _in_outage(self) -> bool:
+        outage = self._config.outage
+        if outage is None or self.hits <= outage.after_hits:
+            return False
+        now = time.monotonic()
+        if self._outage_started is None:
+            self._outage_started = now
+        return now - self._outage_started < outage.duration_s
 
     async def _fail_before_answer(self) -> None:
         kind = self._config.failure_kind

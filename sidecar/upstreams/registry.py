@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sidecar.config import (
     Config,
+    GuardedUpstreamConfig,
     HttpUpstreamConfig,
     MockUpstreamConfig,
     OpenAIUpstreamConfig,
@@ -20,6 +21,10 @@ def build_upstream(name: str, config: Config) -> Upstream:
         from sidecar.upstreams.mock import MockUpstream
 
         return MockUpstream(name, spec)
+    if isinstance(spec, GuardedUpstreamConfig):
+        from sidecar.upstreams.guarded import GuardedUpstream
+
+        return GuardedUpstream(name, spec)
     api_key = resolve_secret(spec.api_key_env, what=f"upstreams.{name}.api_key_env")
     if isinstance(spec, OpenAIUpstreamConfig):
         from sidecar.upstreams.openai import OpenAIUpstream

@@ -15,20 +15,29 @@ from tests.integration.support import LoopThread, UpstreamApp, sidecar_config, s
 def standard_upstreams(url: str) -> dict[str, Any]:
     """Upstreams named after what the real upstream server does for them."""
 
+    one_shot = {"retry": None}  # these tests check single attempts; policy tests build their own
+
     def model(path: str, **extra: Any) -> dict[str, Any]:
-        return {"kind": "model", "type": "openai", "base_url": f"{url}{path}", **extra}
+        return {"kind": "model", "type": "openai", "base_url": f"{url}{path}",
+                "policies": one_shot, **extra}  # fmt: skip
 
     return {
         "llm": model("/v1"),
         "search": {"kind": "tool", "type": "http", "url": f"{url}/tool"},
         "hang-llm": model("/hang"),
-        "hang-tool": {"kind": "tool", "type": "http", "url": f"{url}/hang", "timeout_s": 0.3},
+        "hang-tool": {
+            "kind": "tool",
+            "type": "http",
+            "url": f"{url}/hang",
+            "timeout_s": 0.3,
+            "policies": one_shot,
+        },
         "bad-request": model("/status/400"),
         "limited": model("/status/429"),
         "broken": model("/status/503"),
         "garbage": model("/garbage"),
         "reset": model("/reset"),
-        "mock": {"kind": "model", "type": "mock"},
+        "mock": {"kind": "model", "type": "mock", "policies": one_shot},
     }
 
 

@@ -9,9 +9,10 @@
 Errors are subclasses of `TetherError`; see `tether._errors` for the tree.
 """
 
-from tether._async_client import AsyncClient, AsyncRun, AsyncStream
-from tether._client import Client, Run, Stream
+from tether._async_client import AsyncClient, AsyncGuard, AsyncRun, AsyncStream
+from tether._client import Client, Guard, Run, Stream
 from tether._errors import (
+    CallCancelledError,
     CircuitOpenError,
     DeadlineExceededError,
     DrainingError,
@@ -36,16 +37,20 @@ from tether._errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from tether._messages import Result, Status, StreamSummary, UpstreamStatus, Usage
+from tether._messages import GuardState, Result, Status, StreamSummary, UpstreamStatus, Usage
 
 __all__ = [
     "AsyncClient",
+    "AsyncGuard",
     "AsyncRun",
     "AsyncStream",
+    "CallCancelledError",
     "CircuitOpenError",
     "Client",
     "DeadlineExceededError",
     "DrainingError",
+    "Guard",
+    "GuardState",
     "InternalError",
     "InvalidRequestError",
     "JournalError",

@@ -13,11 +13,15 @@ import orjson
 from tether._errors import InternalError, from_rpc_error
 from tether._messages import (
     CHANNEL_OPTIONS,
+    KIND_VALUES,
+    GuardState,
     Result,
     Status,
     StreamSummary,
+    begin_request,
     call_metadata,
     call_request,
+    end_request,
     resolve_target,
 )
 from tether.v1 import sidecar_pb2 as pb
@@ -27,7 +31,11 @@ _HEALTH_METHOD = "/grpc.health.v1.Health/Check"
 
 
 class AsyncStream:
-    """Chunks of a streamed model call, parsed from JSON; `summary` is filled at the end."""
+    """Chunks of a streamed model call, parsed from JSON; `summary` is filled at the end.
+
+    Use it as `async with client.stream_model(...) as stream:` so leaving early cancels the
+    call (and the upstream request) at once, not when the garbage collector gets to it.
+    """
 
     def __init__(self, call: Any) -> None:
         self._call = call
@@ -42,12 +50,57 @@ class AsyncStream:
                     yield orjson.loads(msg.data)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+        finally:
+            self.close()
         if not self.summary.done:
             raise InternalError("the sidecar ended the stream without its summary")
 
-    def cancel(self) -> None:
-        """Stop the stream; the sidecar cancels the upstream request."""
-        self._call.cancel()
+    def close(self) -> None:
+        """Cancel the stream unless it already ended."""
+        if not self.summary.done:
+            self._call.cancel()
+
+    cancel = close
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncGuard:
+    """A guarded call: admitted by the sidecar on entry, its outcome reported on exit."""
+
+    def __init__(
+        self, client: AsyncClient, request: pb.BeginCallRequest, timeout_s: float | None
+    ) -> None:
+        self._client = client
+        self._request = request
+        self._timeout_s = timeout_s
+        self.state = GuardState()
+
+    async def __aenter__(self) -> GuardState:
+        client = self._client
+        try:
+            answer = await client._stub.BeginCall(
+                self._request,
+                timeout=self._timeout_s or client.timeout_s,
+                metadata=client._metadata,
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        self.state.call_id = answer.call_id
+        return self.state
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        state, client = self.state, self._client
+        request = end_request(state.call_id, exc, state.result, state.usage)
+        try:
+            await client._stub.EndCall(request, timeout=10.0, metadata=client._metadata)
+        except grpc.RpcError as error:
+            if exc is None:
+                raise from_rpc_error(error) from None
 
 
 class AsyncClient:
@@ -129,6 +182,25 @@ class AsyncClient:
         )
         return AsyncStream(call)
 
+    def guard(
+        self,
+        upstream: str,
+        payload: Any = b"",
+        *,
+        kind: str = "tool",
+        name: str = "",
+        run_id: str = "",
+        idempotency_key: str = "",
+        labels: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncGuard:
+        """Guard a call the agent makes itself: `async with client.guard("tool", args) as g:`."""
+        request = begin_request(
+            upstream, KIND_VALUES[kind], name or upstream, payload,
+            run_id=run_id, idempotency_key=idempotency_key, labels=labels,
+        )  # fmt: skip
+        return AsyncGuard(self, request, timeout_s)
+
     async def status(self) -> Status:
         """The sidecar's status: upstreams, breaker states, in-flight counts, versions."""
         try:
@@ -204,6 +276,12 @@ class AsyncRun:
     def stream_model(self, upstream: str, payload: Any, **options: Any) -> AsyncStream:
         key = self.next_key(options.pop("idempotency_key", ""))
         return self.client.stream_model(
+            upstream, payload, run_id=self.run_id, idempotency_key=key, **options
+        )
+
+    def guard(self, upstream: str, payload: Any = b"", **options: Any) -> AsyncGuard:
+        key = self.next_key(options.pop("idempotency_key", ""))
+        return self.client.guard(
             upstream, payload, run_id=self.run_id, idempotency_key=key, **options
         )
 

@@ -13,11 +13,15 @@ import orjson
 from tether._errors import InternalError, from_rpc_error
 from tether._messages import (
     CHANNEL_OPTIONS,
+    KIND_VALUES,
+    GuardState,
     Result,
     Status,
     StreamSummary,
+    begin_request,
     call_metadata,
     call_request,
+    end_request,
     resolve_target,
 )
 from tether.v1 import sidecar_pb2 as pb
@@ -27,7 +31,11 @@ _HEALTH_METHOD = "/grpc.health.v1.Health/Check"
 
 
 class Stream:
-    """Chunks of a streamed model call, parsed from JSON; `summary` is filled at the end."""
+    """Chunks of a streamed model call, parsed from JSON; `summary` is filled at the end.
+
+    Leaving the iteration early (or the `with` block) cancels the call, and the sidecar
+    cancels the upstream request: no tokens are spent on an answer nobody reads.
+    """
 
     def __init__(self, call: Any) -> None:
         self._call = call
@@ -42,12 +50,55 @@ class Stream:
                     yield orjson.loads(msg.data)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+        finally:
+            self.close()
         if not self.summary.done:
             raise InternalError("the sidecar ended the stream without its summary")
 
-    def cancel(self) -> None:
-        """Stop the stream; the sidecar cancels the upstream request."""
-        self._call.cancel()
+    def close(self) -> None:
+        """Cancel the stream unless it already ended."""
+        if not self.summary.done:
+            self._call.cancel()
+
+    cancel = close
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Guard:
+    """A guarded call: admitted by the sidecar on entry, its outcome reported on exit."""
+
+    def __init__(self, client: Client, request: pb.BeginCallRequest, timeout_s: float | None):
+        self._client = client
+        self._request = request
+        self._timeout_s = timeout_s
+        self.state = GuardState()
+
+    def __enter__(self) -> GuardState:
+        client = self._client
+        try:
+            answer = client._stub.BeginCall(
+                self._request,
+                timeout=self._timeout_s or client.timeout_s,
+                metadata=client._metadata,
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        self.state.call_id = answer.call_id
+        return self.state
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        state, client = self.state, self._client
+        request = end_request(state.call_id, exc, state.result, state.usage)
+        try:
+            client._stub.EndCall(request, timeout=10.0, metadata=client._metadata)
+        except grpc.RpcError as error:
+            if exc is None:
+                raise from_rpc_error(error) from None
 
 
 class Client:
@@ -129,6 +180,29 @@ class Client:
         )
         return Stream(call)
 
+    def guard(
+        self,
+        upstream: str,
+        payload: Any = b"",
+        *,
+        kind: str = "tool",
+        name: str = "",
+        run_id: str = "",
+        idempotency_key: str = "",
+        labels: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> Guard:
+        """Guard a call the agent makes itself: `with client.guard("tool", args) as g:`.
+
+        Entry passes the upstream's rate limit, bulkhead and breaker (or raises their
+        error); exit reports success, or the exception raised in the block, to them.
+        """
+        request = begin_request(
+            upstream, KIND_VALUES[kind], name or upstream, payload,
+            run_id=run_id, idempotency_key=idempotency_key, labels=labels,
+        )  # fmt: skip
+        return Guard(self, request, timeout_s)
+
     def status(self) -> Status:
         """The sidecar's status: upstreams, breaker states, in-flight counts, versions."""
         try:
@@ -206,6 +280,12 @@ class Run:
     def stream_model(self, upstream: str, payload: Any, **options: Any) -> Stream:
         key = self.next_key(options.pop("idempotency_key", ""))
         return self.client.stream_model(
+            upstream, payload, run_id=self.run_id, idempotency_key=key, **options
+        )
+
+    def guard(self, upstream: str, payload: Any = b"", **options: Any) -> Guard:
+        key = self.next_key(options.pop("idempotency_key", ""))
+        return self.client.guard(
             upstream, payload, run_id=self.run_id, idempotency_key=key, **options
         )
 

@@ -10,6 +10,7 @@ The tree (the mirror of `sidecar/status.py`, matched by the ErrorInfo `reason`):
     ├── SidecarUnavailableError        UNAVAILABLE          (sidecar not reachable)
     │   └── DrainingError              UNAVAILABLE          DRAINING
     ├── DeadlineExceededError          DEADLINE_EXCEEDED    (the caller's deadline)
+    ├── CallCancelledError             CANCELLED            (the caller cancelled)
     ├── NotSupportedError              UNIMPLEMENTED        NOT_IMPLEMENTED
     ├── PolicyError                    the sidecar refused; the upstream was not called
     │   ├── CircuitOpenError           UNAVAILABLE          CIRCUIT_OPEN
@@ -101,6 +102,10 @@ class DrainingError(SidecarUnavailableError):
 
 class DeadlineExceededError(TetherError):
     """The call did not finish within its deadline."""
+
+
+class CallCancelledError(TetherError):
+    """The call was cancelled by its caller (e.g. a stream closed before its end)."""
 
 
 class NotSupportedError(TetherError):
@@ -197,7 +202,10 @@ BY_CODE: Final[dict[grpc.StatusCode, type[TetherError]]] = {
     grpc.StatusCode.NOT_FOUND: UnknownUpstreamError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
     grpc.StatusCode.UNIMPLEMENTED: NotSupportedError,
+    grpc.StatusCode.CANCELLED: CallCancelledError,
 }
+# gRPC's own size check answers RESOURCE_EXHAUSTED with this text and no details.
+_GRPC_TOO_LARGE = "larger than max"
 
 
 def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
@@ -228,5 +236,7 @@ def from_rpc_error(error: grpc.RpcError) -> TetherError:
     message: str = (error.details() if hasattr(error, "details") else None) or str(error)
     reason, metadata, retry_after = _details(_rich_status(error))
     cls = BY_REASON.get(reason) or BY_CODE.get(code, InternalError)
+    if not reason and code == grpc.StatusCode.RESOURCE_EXHAUSTED and _GRPC_TOO_LARGE in message:
+        cls = PayloadTooLargeError
     exc = cls(message, code=code, reason=reason, metadata=metadata, retry_after_s=retry_after)
     return exc

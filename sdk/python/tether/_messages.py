@@ -24,6 +24,7 @@ CHANNEL_OPTIONS: Final = (
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
 KINDS: Final = {pb.CALL_KIND_MODEL: "model", pb.CALL_KIND_TOOL: "tool"}
+KIND_VALUES: Final = {"model": pb.CALL_KIND_MODEL, "tool": pb.CALL_KIND_TOOL}
 
 
 def resolve_target(target: str | None) -> str:
@@ -103,6 +104,10 @@ class UpstreamStatus:
     errors: int
     hits: int
     gauges: Mapping[str, float]
+    queued: int = 0
+    retries: int = 0
+    fallbacks: int = 0
+    rejected: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +134,10 @@ class Status:
                 u.errors,
                 u.hits,
                 dict(u.gauges),
+                u.queued,
+                u.retries,
+                u.fallbacks,
+                u.rejected,
             )
             for u in resp.upstreams
         }
@@ -179,3 +188,80 @@ class StreamSummary:
         self.upstream = msg.upstream
         self.upstream_status = msg.upstream_status
         self.done = True
+
+
+def begin_request(
+    upstream: str,
+    kind: int,
+    operation: str,
+    payload: Any,
+    *,
+    run_id: str = "",
+    idempotency_key: str = "",
+    labels: Mapping[str, str] | None = None,
+) -> pb.BeginCallRequest:
+    """The BeginCallRequest of a guarded call."""
+    return pb.BeginCallRequest(
+        upstream=upstream,
+        kind=kind,  # type: ignore[arg-type]
+        operation=operation,
+        payload=encode_payload(payload),
+        run_id=run_id,
+        idempotency_key=idempotency_key,
+        labels=labels,
+    )
+
+
+TRANSIENT_ERRORS = (ConnectionError, TimeoutError)
+
+
+def _error_status(exc: BaseException) -> int:
+    for attr in ("status_code", "status"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def end_request(
+    call_id: str, exc: BaseException | None, result: Any, usage: Usage | None
+) -> pb.EndCallRequest:
+    """The EndCallRequest reporting a guarded call's result or the exception it raised.
+
+    An exception counts as transient (an upstream failure) when it is a connection error or
+    timeout, has `retryable = True`, or carries an HTTP-like status of 5xx, 408 or 429.
+    """
+    usage_pb = (
+        pb.Usage(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            total_tokens=usage.total_tokens,
+        )
+        if usage is not None
+        else None
+    )
+    if exc is None:
+        payload = b"" if result is None else encode_payload(result)
+        return pb.EndCallRequest(call_id=call_id, payload=payload, usage=usage_pb)
+    status = _error_status(exc)
+    retryable = bool(getattr(exc, "retryable", False)) or isinstance(exc, TRANSIENT_ERRORS)
+    error = pb.CallError(
+        type=type(exc).__name__, message=str(exc)[:1000], status=status, retryable=retryable
+    )
+    return pb.EndCallRequest(call_id=call_id, error=error, usage=usage_pb)
+
+
+class GuardState:
+    """What a guarded block reports: call `set_result` (and `set_usage`) inside it."""
+
+    __slots__ = ("call_id", "result", "usage")
+
+    def __init__(self) -> None:
+        self.call_id = ""
+        self.result: Any = None
+        self.usage: Usage | None = None
+
+    def set_result(self, result: Any, usage: Usage | None = None) -> None:
+        """The call's result (journaled once the journal lands) and its token usage."""
+        self.result = result
+        self.usage = usage

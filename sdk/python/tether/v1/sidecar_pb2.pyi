@@ -252,7 +252,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class UpstreamStatus(_message.Message):
-    __slots__ = ("name", "kind", "type", "breaker_state", "in_flight", "calls", "errors", "hits", "gauges")
+    __slots__ = ("name", "kind", "type", "breaker_state", "in_flight", "calls", "errors", "hits", "gauges", "queued", "retries", "fallbacks", "rejected")
     class GaugesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +269,10 @@ class UpstreamStatus(_message.Message):
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
     GAUGES_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: CallKind
     type: str
@@ -278,7 +282,11 @@ class UpstreamStatus(_message.Message):
     errors: int
     hits: int
     gauges: _containers.ScalarMap[str, float]
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[CallKind, str]] = ..., type: _Optional[str] = ..., breaker_state: _Optional[str] = ..., in_flight: _Optional[int] = ..., calls: _Optional[int] = ..., errors: _Optional[int] = ..., hits: _Optional[int] = ..., gauges: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    queued: int
+    retries: int
+    fallbacks: int
+    rejected: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[CallKind, str]] = ..., type: _Optional[str] = ..., breaker_state: _Optional[str] = ..., in_flight: _Optional[int] = ..., calls: _Optional[int] = ..., errors: _Optional[int] = ..., hits: _Optional[int] = ..., gauges: _Optional[_Mapping[str, float]] = ..., queued: _Optional[int] = ..., retries: _Optional[int] = ..., fallbacks: _Optional[int] = ..., rejected: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
     __slots__ = ("version", "config_version", "serving", "uptime_s", "upstreams", "in_flight")

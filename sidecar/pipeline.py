@@ -1,0 +1,402 @@
+"""The policy pipeline: every proxied and guarded call passes the same gates in one order.
+
+    deadline > rate limit > bulkhead > circuit breaker > retry (each attempt: breaker
+    admission and accounting + the upstream call, under the per-attempt timeout) > fallback
+
+- deadline: the caller's gRPC deadline, one absolute point; every wait and attempt is capped
+  by what is left of it, and no retry starts past it.
+- rate limit, bulkhead: taken once per call (a queued call waits within its deadline) and held
+  until the call ends, retries included; released with the outcome, which settles tokens.
+- breaker: admits or refuses each attempt; each attempt's outcome is counted (the sidecar's
+  own refusals and the caller's cancellation are neutral, see `policies.base.verdict_of`).
+- retry: retryable failures, within `max_attempts`, the budget and the deadline, after a
+  full-jitter backoff that honours Retry-After.
+- fallback: when the upstream is open, rate limited, overloaded, or failed after its
+  retries, the next upstream in `policies.fallback` takes the call with its own gates.
+
+This module only composes the policies in `sidecar/policies/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from sidecar import errors
+from sidecar.config import Config
+from sidecar.policies.base import (
+    NEUTRAL,
+    Outcome,
+    Permit,
+    Verdict,
+    outcome_of,
+    verdict_of,
+)
+from sidecar.policies.breaker import Breaker
+from sidecar.policies.bulkhead import Bulkhead
+from sidecar.policies.clock import SYSTEM_CLOCK, Clock
+from sidecar.policies.deadline import Deadline
+from sidecar.policies.ratelimit import RateLimiter, estimate_tokens
+from sidecar.policies.retry import Retrier
+from sidecar.upstreams.base import Chunk, Upstream, UpstreamRequest, UpstreamResponse, Usage
+
+log = logging.getLogger("tether.sidecar.pipeline")
+
+FALLBACK_ON = (errors.CircuitOpenError, errors.RateLimitedError, errors.OverloadedError)
+
+
+class Route:
+    """One upstream with its gates, retrier, fallbacks and counters."""
+
+    def __init__(self, name: str, upstream: Upstream, config: Config, clock: Clock) -> None:
+        spec = config.upstreams[name]
+        policies = spec.policies
+        self.name = name
+        self.upstream = upstream
+        self.attempt_timeout_s = spec.attempt_timeout_s
+        self.fallback_names = list(policies.fallback)
+        self.fallbacks: list[Route] = []
+        self.limiter = (
+            RateLimiter(name, policies.rate_limit, clock) if policies.rate_limit else None
+        )
+        self.bulkhead = Bulkhead(name, policies.bulkhead, clock) if policies.bulkhead else None
+        self.breaker = Breaker(name, policies.breaker, clock) if policies.breaker else None
+        self.retrier = (
+            Retrier(name, policies.retry, clock, idempotent=spec.is_idempotent)
+            if policies.retry
+            else None
+        )
+        self.counts_tokens = bool(self.limiter and self.limiter.tokens and spec.kind == "model")
+        self.calls = 0
+        self.errors = 0
+        self.in_flight = 0
+        self.fallbacks_used = 0
+
+    def gauges(self) -> dict[str, float]:
+        gauges: dict[str, float] = {}
+        for part in (self.limiter, self.bulkhead, self.breaker, self.retrier):
+            if part is not None:
+                gauges.update(part.status())
+        return gauges
+
+
+@dataclass(slots=True)
+class Admission:
+    """The gate permits of one call on one route, released together with its outcome."""
+
+    route: Route
+    permits: list[Permit]
+
+    def release(self, outcome: Outcome) -> None:
+        for permit in reversed(self.permits):
+            permit.release(outcome)
+        self.permits = []
+
+
+@dataclass(slots=True)
+class CallResult:
+    response: UpstreamResponse
+    upstream: str
+    attempts: int
+
+
+@dataclass(slots=True)
+class StreamInfo:
+    """Filled while a stream runs: which upstream answered, after how many attempts."""
+
+    upstream: str = ""
+    attempts: int = 0
+    usage: Usage | None = None
+
+
+class Pipeline:
+    """Runs calls through the policies of their upstream and its fallbacks."""
+
+    def __init__(self, config: Config, upstreams: dict[str, Upstream], clock: Clock = SYSTEM_CLOCK):
+        self.clock = clock
+        self.routes = {name: Route(name, up, config, clock) for name, up in upstreams.items()}
+        for route in self.routes.values():
+            route.fallbacks = [self.routes[n] for n in route.fallback_names]
+
+    def deadline(self, timeout_s: float | None) -> Deadline:
+        return Deadline.after(self.clock, timeout_s)
+
+    # -- admission, shared by proxied and guarded calls ------------------------------------
+
+    async def admit(self, route: Route, request: UpstreamRequest, deadline: Deadline) -> Admission:
+        """Rate limit, then bulkhead; the permits are held until `Admission.release`."""
+        route.calls += 1
+        admission = Admission(route, [])
+        try:
+            if route.limiter is not None:
+                estimate = estimate_tokens(request.body) if route.counts_tokens else 0
+                admission.permits.append(await route.limiter.admit(estimate, deadline))
+            if route.bulkhead is not None:
+                admission.permits.append(await route.bulkhead.admit(deadline))
+        except BaseException as exc:
+            admission.release(outcome_of(exc))
+            route.errors += 1
+            raise
+        return admission
+
+    # -- unary calls ------------------------------------------------------------------------
+
+    async def call(self, route: Route, request: UpstreamRequest, deadline: Deadline) -> CallResult:
+        """The call on `route`, else on its fallbacks in order."""
+        attempts = 0
+        for target in self._candidates(route):
+            try:
+                result = await self._call_route(target, request, deadline)
+            except errors.SidecarError as exc:
+                attempts += getattr(exc, "attempts", 0)
+                if not self._next_candidate(route, target, exc, deadline):
+                    _set_attempts(exc, attempts)
+                    raise
+                continue
+            result.attempts += attempts
+            return result
+        raise AssertionError("unreachable: the last candidate re-raises")  # pragma: no cover
+
+    def _candidates(self, route: Route) -> list[Route]:
+        return [route, *route.fallbacks]
+
+    def _next_candidate(
+        self, route: Route, target: Route, exc: errors.SidecarError, deadline: Deadline
+    ) -> bool:
+        """Whether to try the next fallback after `target` failed with `exc`."""
+        candidates = self._candidates(route)
+        if target is candidates[-1] or deadline.expired():
+            return False
+        fall = isinstance(exc, FALLBACK_ON) or (
+            isinstance(exc, errors.UpstreamError) and verdict_of(exc) is Verdict.FAILURE
+        )
+        if fall:
+            log.info("upstream %r failed (%s); falling back", target.name, type(exc).__name__)
+            route.fallbacks_used += 1
+        return fall
+
+    async def _call_route(
+        self, route: Route, request: UpstreamRequest, deadline: Deadline
+    ) -> CallResult:
+        admission = await self.admit(route, request, deadline)
+        route.in_flight += 1
+        outcome = NEUTRAL
+        try:
+            result = await self._attempts(route, request, deadline)
+            outcome = Outcome(Verdict.SUCCESS, usage=result.response.usage)
+            return result
+        except BaseException as exc:
+            outcome = outcome_of(exc)
+            route.errors += 1
+            raise
+        finally:
+            route.in_flight -= 1
+            admission.release(outcome)
+
+    async def _attempts(
+        self, route: Route, request: UpstreamRequest, deadline: Deadline
+    ) -> CallResult:
+        if route.retrier is not None:
+            route.retrier.budget.record_call()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = await self._attempt(route, request, deadline)
+            except errors.UpstreamError as exc:
+                exc.attempts = attempt
+                await self._before_retry(route, exc, attempt, deadline)
+                continue
+            return CallResult(response, route.name, attempt)
+
+    async def _before_retry(
+        self, route: Route, exc: errors.UpstreamError, attempt: int, deadline: Deadline
+    ) -> None:
+        """Sleep the backoff before the next attempt, or re-raise `exc` when none is due."""
+        retrier = route.retrier
+        if (
+            retrier is None
+            or not retrier.enabled
+            or attempt >= retrier.policy.max_attempts
+            or not retrier.retryable(exc)
+        ):
+            raise exc
+        delay = retrier.delay_s(exc, attempt)
+        left = deadline.remaining()
+        if (left is not None and delay >= left) or not retrier.budget.try_spend():
+            raise exc
+        retrier.retries += 1
+        log.info("retrying upstream %r in %.3f s after %s", route.name, delay, type(exc).__name__)
+        await self.clock.sleep(delay)
+
+    def _timed_out(self, route: Route, timeout_s: float, by_caller: bool) -> errors.UpstreamError:
+        return errors.UpstreamTimeoutError(
+            f"upstream {route.name!r} did not answer within {timeout_s:.3f} s",
+            upstream=route.name,
+            caller_deadline=by_caller,
+        )
+
+    async def _attempt(
+        self, route: Route, request: UpstreamRequest, deadline: Deadline
+    ) -> UpstreamResponse:
+        """One attempt: breaker admission, the call under its timeout, breaker accounting."""
+        permit = route.breaker.admit() if route.breaker is not None else None
+        timeout_s, by_caller = deadline.cap(route.attempt_timeout_s)
+        try:
+            async with asyncio.timeout(timeout_s):
+                response = await route.upstream.call(request)
+        except TimeoutError:
+            exc = self._timed_out(route, timeout_s, by_caller)
+            if permit is not None:
+                permit.release(outcome_of(exc))
+            raise exc from None
+        except BaseException as exc:
+            if permit is not None:
+                permit.release(outcome_of(exc))
+            raise
+        if permit is not None:
+            permit.release(Outcome(Verdict.SUCCESS, usage=response.usage))
+        return response
+
+    # -- streams -----------------------------------------------------------------------------
+
+    async def stream(
+        self, route: Route, request: UpstreamRequest, deadline: Deadline, info: StreamInfo
+    ) -> AsyncIterator[Chunk]:
+        """The chunks of the call on `route` or a fallback. Failures before the first chunk
+        are retried and fall back like unary calls; after it, they end the stream."""
+        for target in self._candidates(route):
+            try:
+                opened = await self._open_route(target, request, deadline, info)
+            except errors.SidecarError as exc:
+                if not self._next_candidate(route, target, exc, deadline):
+                    _set_attempts(exc, info.attempts)
+                    raise
+                continue
+            break
+        async for chunk in opened.rest(deadline, info):
+            yield chunk
+
+    async def _open_route(
+        self, route: Route, request: UpstreamRequest, deadline: Deadline, info: StreamInfo
+    ) -> _OpenStream:
+        admission = await self.admit(route, request, deadline)
+        if route.retrier is not None:
+            route.retrier.budget.record_call()
+        route.in_flight += 1
+        attempt = 0
+        try:
+            while True:
+                attempt += 1
+                info.attempts += 1
+                try:
+                    return await self._open_attempt(route, request, deadline, admission)
+                except errors.UpstreamError as exc:
+                    exc.attempts = attempt
+                    await self._before_retry(route, exc, attempt, deadline)
+        except BaseException as exc:
+            route.in_flight -= 1
+            route.errors += 1
+            admission.release(outcome_of(exc))
+            raise
+
+    def _first_chunk_error(
+        self, route: Route, caught: BaseException, timeout_s: float, by_caller: bool
+    ) -> BaseException:
+        if isinstance(caught, TimeoutError):
+            return self._timed_out(route, timeout_s, by_caller)
+        if isinstance(caught, StopAsyncIteration):
+            return errors.UpstreamBadResponseError(
+                f"upstream {route.name!r} ended its stream without a chunk", upstream=route.name
+            )
+        return caught
+
+    async def _open_attempt(
+        self, route: Route, request: UpstreamRequest, deadline: Deadline, admission: Admission
+    ) -> _OpenStream:
+        permit = route.breaker.admit() if route.breaker is not None else None
+        timeout_s, by_caller = deadline.cap(route.attempt_timeout_s)
+        ends_at = self.clock.now() + timeout_s
+        chunks = route.upstream.stream(request)
+        try:
+            async with asyncio.timeout(timeout_s):
+                first = await anext(chunks)
+        except BaseException as caught:
+            await _close(chunks)
+            exc = self._first_chunk_error(route, caught, timeout_s, by_caller)
+            if permit is not None:
+                permit.release(outcome_of(exc))
+            if exc is caught:
+                raise
+            raise exc from None
+        return _OpenStream(self, route, chunks, first, permit, admission, ends_at, by_caller)
+
+
+class _OpenStream:
+    """A stream whose first chunk arrived; the rest flows under the same permits."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        route: Route,
+        chunks: AsyncIterator[Chunk],
+        first: Chunk,
+        permit: Permit | None,
+        admission: Admission,
+        ends_at: float,
+        by_caller: bool,
+    ) -> None:
+        self.pipeline, self.route, self.chunks, self.first = pipeline, route, chunks, first
+        self.permit, self.admission, self.ends_at, self.by_caller = (
+            permit,
+            admission,
+            ends_at,
+            by_caller,
+        )
+
+    async def rest(self, deadline: Deadline, info: StreamInfo) -> AsyncIterator[Chunk]:
+        route = self.route
+        info.upstream = route.name
+        outcome = NEUTRAL
+        try:
+            chunk: Chunk | None = self.first
+            while chunk is not None:
+                info.usage = chunk.usage or info.usage
+                yield chunk
+                chunk = await self._next()
+            outcome = Outcome(Verdict.SUCCESS, usage=info.usage)
+        except BaseException as exc:
+            outcome = outcome_of(exc)
+            route.errors += 1
+            raise
+        finally:
+            await _close(self.chunks)
+            route.in_flight -= 1
+            if self.permit is not None:
+                self.permit.release(outcome)
+            self.admission.release(outcome)
+
+    async def _next(self) -> Chunk | None:
+        left = self.ends_at - self.pipeline.clock.now()
+        try:
+            async with asyncio.timeout(max(0.0, left)):
+                return await anext(self.chunks)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise self.pipeline._timed_out(
+                self.route, self.route.attempt_timeout_s, self.by_caller
+            ) from None
+
+
+async def _close(chunks: AsyncIterator[Chunk]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _set_attempts(exc: errors.SidecarError, attempts: int) -> None:
+    if attempts and isinstance(exc, errors.UpstreamError):
+        exc.attempts = attempts
