@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from sidecar.config import Config, ConfigError, default_config, load_config
 
@@ -41,9 +41,12 @@ def _missing_secrets(config: Config) -> list[str]:
     """Secrets the config names whose environment variables are not set here."""
     found = []
     for name, spec in config.upstreams.items():
-        env = getattr(spec, "api_key_env", None)
-        if env and not os.environ.get(env):
-            found.append(f"upstreams.{name}.api_key_env: environment variable {env} is not set")
+        named = {"api_key_env": getattr(spec, "api_key_env", None)}
+        for header, env in getattr(spec, "headers_env", {}).items():
+            named[f"headers_env.{header}"] = env
+        for field, env in named.items():
+            if env and not os.environ.get(env):
+                found.append(f"upstreams.{name}.{field}: environment variable {env} is not set")
     if config.auth and not os.environ.get(config.auth.token_env):
         found.append(f"auth.token_env: environment variable {config.auth.token_env} is not set")
     return found
@@ -78,12 +81,31 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     print(f"tether {status.version}  config {status.config_version}  ", end="")
     print(f"serving={status.serving}  uptime {status.uptime_s:.0f} s  in flight {status.in_flight}")
-    row = "{:<20} {:<6} {:<7} {:<9} {:>9} {:>8} {:>8} {:>8}"
-    print(row.format("UPSTREAM", "KIND", "TYPE", "BREAKER", "IN FLIGHT", "CALLS", "ERRORS", "HITS"))
+    row = "{:<16} {:<5} {:<7} {:<9} {:>6} {:>6} {:>7} {:>6} {:>7} {:>6} {:>7} {:>6} {:>7}  {}"
+    print(row.format("UPSTREAM", "KIND", "TYPE", "BREAKER", "FAILS", "INFL", "QUEUED", "CALLS",
+                     "ERRORS", "RETRY", "BUDGET", "FALLBK", "REFUSED", "LIMITS"))  # fmt: skip
     for up in status.upstreams.values():
-        print(row.format(up.name, up.kind, up.type, up.breaker_state, up.in_flight, up.calls,
-                         up.errors, up.hits))  # fmt: skip
+        g = up.gauges
+        print(row.format(
+            up.name, up.kind, up.type, up.breaker_state, _num(g, "breaker.failures"),
+            up.in_flight, up.queued, up.calls, up.errors, up.retries,
+            _num(g, "retry.budget_left", "{:.1f}"), up.fallbacks, up.rejected, _limits(g),
+        ))  # fmt: skip
     return EXIT_OK
+
+
+def _num(gauges: Mapping[str, float], key: str, fmt: str = "{:.0f}") -> str:
+    return fmt.format(gauges[key]) if key in gauges else "-"
+
+
+def _limits(gauges: Mapping[str, float]) -> str:
+    """Rate-limit levels: requests and tokens that could be taken now."""
+    parts = []
+    if "rate_limit.requests_available" in gauges:
+        parts.append(f"req {gauges['rate_limit.requests_available']:.1f}")
+    if "rate_limit.tokens_available" in gauges:
+        parts.append(f"tok {gauges['rate_limit.tokens_available']:.0f}")
+    return ", ".join(parts) or "-"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

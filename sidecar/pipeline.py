@@ -76,7 +76,8 @@ class Route:
 
     def gauges(self) -> dict[str, float]:
         gauges: dict[str, float] = {}
-        for part in (self.limiter, self.bulkhead, self.breaker, self.retrier):
+        retrier = self.retrier if self.retrier is not None and self.retrier.enabled else None
+        for part in (self.limiter, self.bulkhead, self.breaker, retrier):
             if part is not None:
                 gauges.update(part.status())
         return gauges
@@ -318,7 +319,6 @@ class Pipeline:
     ) -> _OpenStream:
         permit = route.breaker.admit() if route.breaker is not None else None
         timeout_s, by_caller = deadline.cap(route.attempt_timeout_s)
-        ends_at = self.clock.now() + timeout_s
         chunks = route.upstream.stream(request)
         try:
             async with asyncio.timeout(timeout_s):
@@ -331,7 +331,7 @@ class Pipeline:
             if exc is caught:
                 raise
             raise exc from None
-        return _OpenStream(self, route, chunks, first, permit, admission, ends_at, by_caller)
+        return _OpenStream(self, route, chunks, first, permit, admission)
 
 
 class _OpenStream:
@@ -345,16 +345,9 @@ class _OpenStream:
         first: Chunk,
         permit: Permit | None,
         admission: Admission,
-        ends_at: float,
-        by_caller: bool,
     ) -> None:
         self.pipeline, self.route, self.chunks, self.first = pipeline, route, chunks, first
-        self.permit, self.admission, self.ends_at, self.by_caller = (
-            permit,
-            admission,
-            ends_at,
-            by_caller,
-        )
+        self.permit, self.admission = permit, admission
 
     async def rest(self, deadline: Deadline, info: StreamInfo) -> AsyncIterator[Chunk]:
         route = self.route
@@ -365,7 +358,7 @@ class _OpenStream:
             while chunk is not None:
                 info.usage = chunk.usage or info.usage
                 yield chunk
-                chunk = await self._next()
+                chunk = await self._next(deadline)
             outcome = Outcome(Verdict.SUCCESS, usage=info.usage)
         except BaseException as exc:
             outcome = outcome_of(exc)
@@ -378,17 +371,16 @@ class _OpenStream:
                 self.permit.release(outcome)
             self.admission.release(outcome)
 
-    async def _next(self) -> Chunk | None:
-        left = self.ends_at - self.pipeline.clock.now()
+    async def _next(self, deadline: Deadline) -> Chunk | None:
+        """The next chunk within the per-attempt timeout (an idle bound) and the deadline."""
+        timeout_s, by_caller = deadline.cap(self.route.attempt_timeout_s)
         try:
-            async with asyncio.timeout(max(0.0, left)):
+            async with asyncio.timeout(timeout_s):
                 return await anext(self.chunks)
         except StopAsyncIteration:
             return None
         except TimeoutError:
-            raise self.pipeline._timed_out(
-                self.route, self.route.attempt_timeout_s, self.by_caller
-            ) from None
+            raise self.pipeline._timed_out(self.route, timeout_s, by_caller) from None
 
 
 async def _close(chunks: AsyncIterator[Chunk]) -> None:

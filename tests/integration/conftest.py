@@ -25,6 +25,7 @@ def standard_upstreams(url: str) -> dict[str, Any]:
         "llm": model("/v1"),
         "search": {"kind": "tool", "type": "http", "url": f"{url}/tool"},
         "hang-llm": model("/hang"),
+        "slow-stream": model("/slow"),
         "hang-tool": {
             "kind": "tool",
             "type": "http",

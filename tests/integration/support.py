@@ -99,6 +99,24 @@ class UpstreamApp:
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
+    async def slow_sse(self, request: web.Request) -> web.StreamResponse:
+        """Streams a chunk every 50 ms for a minute; records the caller hanging up."""
+        await self._record(request)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        chunk = {
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {"content": "x"}}],
+        }
+        try:
+            for _ in range(1200):
+                await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                await asyncio.sleep(0.05)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.cancelled.set()
+            raise
+        return resp
+
     async def tool(self, request: web.Request) -> web.Response:
         body = await self._record(request)
         return web.Response(body=b'{"result": ' + body + b"}", content_type="application/json")
@@ -143,6 +161,7 @@ class UpstreamApp:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/tool", self.tool)
+        app.router.add_post("/slow/chat/completions", self.slow_sse)
         app.router.add_post("/hang/chat/completions", self.hang)
         app.router.add_post("/hang", self.hang)
         app.router.add_post("/status/{code}/chat/completions", self.status)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 
 import orjson
+import pytest
 
 import tether
 from sidecar.server import SidecarServer
@@ -97,3 +100,36 @@ def test_status_reports_counters_and_hits(address: str) -> None:
     assert (status.upstreams["broken"].calls, status.upstreams["broken"].errors) == (1, 1)
     assert status.upstreams["llm"].kind == "model" and status.upstreams["search"].kind == "tool"
     assert status.in_flight == 0
+
+
+def test_leaving_a_stream_early_cancels_the_upstream(address: str, upstream: UpstreamApp) -> None:
+    """Breaking out of a stream cancels the call, and the sidecar hangs up on the upstream."""
+    with tether.Client(address) as client:
+        stream = client.stream_model("slow-stream", CHAT)
+        for n, _chunk in enumerate(stream):
+            if n == 1:
+                break
+        assert upstream.cancelled.wait(2), "the upstream kept streaming"
+        deadline = time.monotonic() + 2
+        while client.status().in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.status().in_flight == 0
+
+
+async def test_async_stream_context_cancels_upstream(address: str, upstream: UpstreamApp) -> None:
+    """Leaving `async with stream` early cancels the upstream request at once."""
+    async with tether.AsyncClient(address) as client:
+        async with client.stream_model("slow-stream", CHAT) as stream:
+            async for _chunk in stream:
+                break
+        assert await asyncio.to_thread(upstream.cancelled.wait, 2)
+
+
+def test_stream_cut_midway_is_an_error(address: str) -> None:
+    """A stream that fails after some chunks raises, with the chunks already delivered."""
+    with tether.Client(address) as client:
+        seen = []
+        with pytest.raises(tether.DeadlineExceededError):
+            for chunk in client.stream_model("slow-stream", CHAT, timeout_s=0.3):
+                seen.append(chunk)
+    assert len(seen) >= 2  # chunks arrived before the deadline cut the stream
