@@ -32,19 +32,17 @@ from sidecar.policies.base import (
     Permit,
     Verdict,
     outcome_of,
-    verdict_of,
 )
 from sidecar.policies.breaker import Breaker
 from sidecar.policies.bulkhead import Bulkhead
 from sidecar.policies.clock import SYSTEM_CLOCK, Clock
 from sidecar.policies.deadline import Deadline
+from sidecar.policies.fallback import falls_back
 from sidecar.policies.ratelimit import RateLimiter, estimate_tokens
 from sidecar.policies.retry import Retrier
 from sidecar.upstreams.base import Chunk, Upstream, UpstreamRequest, UpstreamResponse, Usage
 
 log = logging.getLogger("tether.sidecar.pipeline")
-
-FALLBACK_ON = (errors.CircuitOpenError, errors.RateLimitedError, errors.OverloadedError)
 
 
 class Route:
@@ -167,12 +165,9 @@ class Pipeline:
         self, route: Route, target: Route, exc: errors.SidecarError, deadline: Deadline
     ) -> bool:
         """Whether to try the next fallback after `target` failed with `exc`."""
-        candidates = self._candidates(route)
-        if target is candidates[-1] or deadline.expired():
+        if target is self._candidates(route)[-1]:
             return False
-        fall = isinstance(exc, FALLBACK_ON) or (
-            isinstance(exc, errors.UpstreamError) and verdict_of(exc) is Verdict.FAILURE
-        )
+        fall = falls_back(exc, deadline)
         if fall:
             log.info("upstream %r failed (%s); falling back", target.name, type(exc).__name__)
             route.fallbacks_used += 1
