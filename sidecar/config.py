@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
 import yaml
 from pydantic import (
@@ -20,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -31,6 +33,8 @@ DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_CONCURRENT_RPCS = 1024
 DEFAULT_GRACE_S = 10.0
 DEFAULT_TIMEOUT_S = 60.0
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 9110 token
 
 
 class _Model(BaseModel):
@@ -193,26 +197,55 @@ class _UpstreamBase(_Model):
         return self.policies.timeout_s or self.timeout_s
 
 
-class OpenAIUpstreamConfig(_UpstreamBase):
+def _check_header_names(names: list[str]) -> None:
+    for name in names:
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a valid HTTP header name")
+
+
+class _HttpUpstreamBase(_UpstreamBase):
+    """What the HTTP adapters share: a key, static and secret headers, a connection pool."""
+
+    api_key_env: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    # header name -> the environment variable holding its (secret) value
+    headers_env: dict[str, Annotated[str, Field(min_length=1)]] = Field(default_factory=dict)
+    max_connections: int = Field(100, gt=0)
+
+    @field_validator("headers")
+    @classmethod
+    def _header_values(cls, value: dict[str, str]) -> dict[str, str]:
+        _check_header_names(list(value))
+        for name, text in value.items():
+            if _CONTROL_CHARS.search(text):
+                raise ValueError(f"the value of {name!r} contains control characters (CR, LF...)")
+        return value
+
+    @field_validator("headers_env")
+    @classmethod
+    def _secret_headers(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        _check_header_names(list(value))
+        plain = {name.lower() for name in info.data.get("headers") or {}}
+        for name in value:
+            if name.lower() in plain:
+                raise ValueError(f"header {name!r} is also set in headers")
+        return value
+
+
+class OpenAIUpstreamConfig(_HttpUpstreamBase):
     """An OpenAI-compatible API (`/chat/completions`, `/embeddings`)."""
 
     type: Literal["openai"]
     kind: Literal["model", "tool"] = "model"
     base_url: str = Field(pattern=r"^https?://")
-    api_key_env: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-    max_connections: int = Field(100, gt=0)
 
 
-class HttpUpstreamConfig(_UpstreamBase):
+class HttpUpstreamConfig(_HttpUpstreamBase):
     """A generic JSON tool endpoint: the payload is POSTed, the JSON body returned."""
 
     type: Literal["http"]
     kind: Literal["model", "tool"] = "tool"
     url: str = Field(pattern=r"^https?://")
-    api_key_env: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-    max_connections: int = Field(100, gt=0)
 
 
 class MockOutage(_Model):
@@ -369,11 +402,23 @@ def default_config() -> Config:
     return load_config_text(default_config_text(), "<embedded defaults>")
 
 
+@overload
+def resolve_secret(env_name: str, *, what: str) -> str: ...
+
+
+@overload
+def resolve_secret(env_name: None, *, what: str) -> None: ...
+
+
 def resolve_secret(env_name: str | None, *, what: str) -> str | None:
-    """The value of a secret's environment variable; ConfigError (naming only the variable)."""
+    """The value of a secret's environment variable without surrounding whitespace (a secret
+    file's trailing newline); ConfigError, naming only the variable, when it is unset, empty
+    or holds control characters."""
     if env_name is None:
         return None
-    value = os.environ.get(env_name)
+    value = os.environ.get(env_name, "").strip()
     if not value:
         raise ConfigError(what, [f"environment variable {env_name} is not set or empty"])
+    if _CONTROL_CHARS.search(value):
+        raise ConfigError(what, [f"environment variable {env_name} contains control characters"])
     return value

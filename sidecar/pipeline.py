@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from sidecar import errors
@@ -260,7 +261,7 @@ class Pipeline:
 
     async def stream(
         self, route: Route, request: UpstreamRequest, deadline: Deadline, info: StreamInfo
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         """The chunks of the call on `route` or a fallback. Failures before the first chunk
         are retried and fall back like unary calls; after it, they end the stream."""
         for target in self._candidates(route):
@@ -272,8 +273,9 @@ class Pipeline:
                     raise
                 continue
             break
-        async for chunk in opened.rest(deadline, info):
-            yield chunk
+        async with aclosing(opened.rest(deadline, info)) as rest:
+            async for chunk in rest:
+                yield chunk
 
     async def _open_route(
         self, route: Route, request: UpstreamRequest, deadline: Deadline, info: StreamInfo
@@ -344,7 +346,7 @@ class _OpenStream:
         self.pipeline, self.route, self.chunks, self.first = pipeline, route, chunks, first
         self.permit, self.admission = permit, admission
 
-    async def rest(self, deadline: Deadline, info: StreamInfo) -> AsyncIterator[Chunk]:
+    async def rest(self, deadline: Deadline, info: StreamInfo) -> AsyncGenerator[Chunk, None]:
         route = self.route
         info.upstream = route.name
         outcome = NEUTRAL

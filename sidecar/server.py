@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 from dataclasses import dataclass, field
 
 import grpc
@@ -21,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from sidecar.config import Config, resolve_secret
+from sidecar.config import Config, resolve_secret, split_host_port
 from sidecar.interceptors import GuardInterceptor
 from sidecar.service import SidecarService
 from sidecar.upstreams.base import Upstream
@@ -47,9 +48,13 @@ def unix_path(address: str) -> str | None:
 
 
 def _claim_unix_path(path: str) -> None:
-    """Remove a stale socket file; refuse one a live process still listens on."""
-    if not os.path.exists(path):
+    """Remove a stale socket file; refuse one a live process listens on, or a non-socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
         return
+    if not stat.S_ISSOCK(mode):
+        raise AddressInUseError(f"cannot listen on unix:{path}: the file there is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -98,9 +103,7 @@ class SidecarServer:
         remaining = await self._wait_in_flight(grace)
         await self.server.stop(max(remaining, 0.1))
         await self.close_upstreams()
-        for path in self._socket_paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        self.remove_socket_files()
         log.info("stopped")
 
     async def _wait_in_flight(self, grace_s: float) -> float:
@@ -114,6 +117,12 @@ class SidecarServer:
             log.warning("grace period over: cancelling %d calls", self.service.in_flight)
         return deadline - loop.time()
 
+    def remove_socket_files(self) -> None:
+        """Unlink the unix socket files this server bound."""
+        for path in self._socket_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
     async def close_upstreams(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.close()
@@ -121,8 +130,11 @@ class SidecarServer:
 
 def _server_options(config: Config) -> list[tuple[str, int]]:
     limits = config.limits
+    # Payloads up to twice the limit still reach the service, which refuses them with the
+    # sizes in the details; only beyond that does gRPC's own bare size check answer.
+    receive_limit = 2 * limits.max_payload_bytes + MESSAGE_SLACK_BYTES
     return [
-        ("grpc.max_receive_message_length", limits.max_payload_bytes + MESSAGE_SLACK_BYTES),
+        ("grpc.max_receive_message_length", receive_limit),
         ("grpc.max_send_message_length", limits.max_response_bytes + MESSAGE_SLACK_BYTES),
         # Two sidecars must not silently share one TCP port.
         ("grpc.so_reuseport", 0),
@@ -138,13 +150,52 @@ def _bind(server: grpc.aio.Server, address: str) -> tuple[str, int, str | None]:
         _claim_unix_path(path)
         old_umask = os.umask(0o177)  # the socket file is created 0600, never wider
         try:
-            server.add_insecure_port(address)
+            _add_port(server, address)
         finally:
             os.umask(old_umask)
         return address, 0, path
-    port = server.add_insecure_port(address)
+    _probe_tcp(address)
+    port = _add_port(server, address)
     host = address.rpartition(":")[0]
     return f"{host}:{port}", port, None
+
+
+def _probe_tcp(address: str) -> None:
+    """AddressInUseError with the OS's reason when no address of a fixed TCP port binds.
+
+    gRPC reports a failed bind only as "Failed to bind" (and logs the reason on its own), so
+    the usual case, a taken port, is found first with a plain socket set up like gRPC's.
+    """
+    host, port = split_host_port(address)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return  # gRPC reports it
+    reasons = []
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                reasons.append(exc.strerror or str(exc))
+                continue
+        return
+    if reasons:
+        raise AddressInUseError(f"cannot listen on {address}: {reasons[0]}")
+
+
+def _add_port(server: grpc.aio.Server, address: str) -> int:
+    """`add_insecure_port`, its bare RuntimeError turned into AddressInUseError."""
+    try:
+        return server.add_insecure_port(address)
+    except RuntimeError as exc:
+        # gRPC says only "Failed to bind"; with SO_REUSEPORT off it is mostly a taken port.
+        raise AddressInUseError(
+            f"cannot listen on {address}: address already in use or not available"
+        ) from exc
 
 
 async def create_server(config: Config) -> tuple[SidecarServer, int]:
@@ -165,14 +216,24 @@ async def create_server(config: Config) -> tuple[SidecarServer, int]:
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
     reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
     sidecar = SidecarServer(server, service, guard, health, upstreams, config.shutdown.grace_s)
+    try:
+        first_port = _bind_all(sidecar, config.listen.grpc)
+    except AddressInUseError:
+        sidecar.remove_socket_files()  # those bound so far: nobody will ever listen on them
+        raise
+    return sidecar, first_port
+
+
+def _bind_all(sidecar: SidecarServer, addresses: list[str]) -> int:
+    """Bind every address; returns the first TCP port bound (0 when only unix sockets)."""
     first_port = 0
-    for address in config.listen.grpc:
-        bound, port, path = _bind(server, address)
+    for address in addresses:
+        bound, port, path = _bind(sidecar.server, address)
         sidecar.addresses.append(bound)
         if path is not None:
             sidecar._socket_paths.append(path)
         first_port = first_port or port
-    return sidecar, first_port
+    return first_port
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, NoReturn
 
 import grpc
@@ -169,9 +170,11 @@ class SidecarService(pb_grpc.SidecarServicer):  # type: ignore[misc]
                     f"upstream {route.name!r} does not stream; use Call", field="upstream"
                 )
             deadline = self.pipeline.deadline(context.time_remaining())
-            async for chunk in self.pipeline.stream(route, call, deadline, info):
-                yield pb.StreamChunk(data=chunk.data, index=index)
-                index += 1
+            # aclosing: a cancelled caller releases the permits now, not when GC gets to it
+            async with aclosing(self.pipeline.stream(route, call, deadline, info)) as chunks:
+                async for chunk in chunks:
+                    yield pb.StreamChunk(data=chunk.data, index=index)
+                    index += 1
         except Exception as exc:
             await self._fail(context, exc)
         yield pb.StreamChunk(

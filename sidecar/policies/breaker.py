@@ -84,17 +84,21 @@ class _Listener(pybreaker.CircuitBreakerListener):
 
 
 class BreakerPermit:
-    """One admitted attempt; `release` reports its outcome to pybreaker."""
+    """One admitted attempt; `release` reports its outcome to pybreaker, once."""
 
-    __slots__ = ("_breaker", "_cm", "_probe")
+    __slots__ = ("_breaker", "_cm", "_epoch", "_probe", "_released")
 
     def __init__(self, breaker: Breaker, cm: Any, probe: bool) -> None:
         self._breaker = breaker
         self._cm = cm
         self._probe = probe
+        self._epoch = breaker.transitions  # the state it was admitted in
+        self._released = False
 
     def release(self, outcome: Outcome) -> None:
-        self._breaker._finish(self._cm, self._probe, outcome)
+        if not self._released:
+            self._released = True
+            self._breaker._finish(self._cm, self._probe, outcome, self._epoch)
 
 
 class Breaker:
@@ -158,11 +162,15 @@ class Breaker:
         self._probes += probe
         return BreakerPermit(self, cm, probe)
 
-    def _finish(self, cm: Any, probe: bool, outcome: Outcome) -> None:
+    def _finish(self, cm: Any, probe: bool, outcome: Outcome, epoch: int) -> None:
         self._probes -= probe
-        if outcome.verdict is Verdict.SUCCESS:
+        # pybreaker settles an outcome with the state object the attempt was admitted in: one
+        # admitted before the state changed (before a trip, by an earlier probe) must count
+        # neither way, or it re-opens an open breaker or closes a re-opened one.
+        verdict = outcome.verdict if epoch == self.transitions else Verdict.NEUTRAL
+        if verdict is Verdict.SUCCESS:
             cm.__exit__(None, None, None)
-        elif outcome.verdict is Verdict.FAILURE:
+        elif verdict is Verdict.FAILURE:
             error = outcome.error or RuntimeError("failure")
             cm.__exit__(type(error), error, error.__traceback__)
         else:

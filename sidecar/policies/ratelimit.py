@@ -27,6 +27,9 @@ from sidecar.policies.deadline import Deadline
 # Without max_tokens in the request, assume this many completion tokens until usage arrives.
 DEFAULT_OUTPUT_TOKENS = 256
 CHARS_PER_TOKEN = 4
+# Sums of float intervals on a monotonic clock drift by a few ulps (~1e-13 s, more after long
+# uptimes): a wait below this is none, or a burst of B would admit only B - 1 at once.
+EPSILON_S = 1e-6
 
 
 class Bucket:
@@ -47,10 +50,10 @@ class Bucket:
         now = self._clock.now()
         new_tat = max(self.tat, now) + cost * self.interval
         wait = new_tat - self.tolerance - now
-        if wait > max_wait_s:
+        if wait > max_wait_s + EPSILON_S:
             raise _Denied(wait)
         self.tat = new_tat
-        return max(0.0, wait)
+        return wait if wait > EPSILON_S else 0.0
 
     def adjust(self, cost: float) -> None:
         """Add (or, negative, give back) `cost` units after the fact."""

@@ -3,14 +3,14 @@
 One pooled session per adapter, capped body reads, and the one mapping from HTTP statuses and
 transport failures to `sidecar.errors`. Nothing here times out on its own: the caller's
 `asyncio.timeout` and cancellation are the only clocks. Every text that may reach a caller is
-redacted with the adapter's secret before it leaves this module.
+redacted with the adapter's secrets (API key, secret headers) before it leaves this module.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
@@ -47,9 +47,19 @@ def make_session(max_connections: int) -> aiohttp.ClientSession:
     )
 
 
-def redact(text: str, secret: str | None) -> str:
-    """`text` with every occurrence of `secret` replaced by `***`."""
-    return text.replace(secret, "***") if secret else text
+Secrets = tuple[str, ...]
+
+
+def secrets_of(values: Iterable[str | None]) -> Secrets:
+    """The non-empty secrets, longest first: one that contains another is redacted whole."""
+    return tuple(sorted({value for value in values if value}, key=len, reverse=True))
+
+
+def redact(text: str, secrets: Secrets) -> str:
+    """`text` with every occurrence of each secret replaced by `***`."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def cut(text: str, n: int = CUT_CHARS) -> str:
@@ -72,8 +82,8 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _decoded(body: bytes, secret: str | None) -> str:
-    return redact(body.decode("utf-8", "replace"), secret)
+def _decoded(body: bytes, secrets: Secrets) -> str:
+    return redact(body.decode("utf-8", "replace"), secrets)
 
 
 def provider_message(error: Any) -> str | None:
@@ -100,12 +110,12 @@ def _phrase(status: int) -> str:
 
 
 def raise_for_status(
-    status: int, body: bytes, headers: Mapping[str, str], *, upstream: str, secret: str | None
+    status: int, body: bytes, headers: Mapping[str, str], *, upstream: str, secrets: Secrets
 ) -> None:
     """Return on 2xx; raise UpstreamClientError on 4xx, UpstreamUnavailableError otherwise."""
     if 200 <= status < 300:
         return
-    reason = cut(redact(_reason(body), secret)) or _phrase(status)
+    reason = cut(redact(_reason(body), secrets)) or _phrase(status)
     message = f"upstream {upstream!r} answered {status}: {reason}"
     retry_after = parse_retry_after(headers.get("Retry-After"))
     if 400 <= status < 500:
@@ -113,7 +123,7 @@ def raise_for_status(
             message,
             upstream=upstream,
             http_status=status,
-            body=cut(_decoded(body, secret)),
+            body=cut(_decoded(body, secrets)),
             retry_after_s=retry_after,
         )
     raise UpstreamUnavailableError(
@@ -128,10 +138,10 @@ def too_large(upstream: str, limit: int) -> UpstreamResponseTooLargeError:
 
 
 def not_json(
-    upstream: str, status: int, body: bytes, why: str, secret: str | None
+    upstream: str, status: int, body: bytes, why: str, secrets: Secrets
 ) -> UpstreamBadResponseError:
     """The error for a 2xx body that is not the JSON the protocol promises."""
-    sample = cut(_decoded(body, secret), 200)
+    sample = cut(_decoded(body, secrets), 200)
     return UpstreamBadResponseError(
         f"upstream {upstream!r} answered {status} with a body that is not JSON ({why}): {sample!r}",
         upstream=upstream,
@@ -175,25 +185,25 @@ def _describe(exc: BaseException) -> str:
 
 
 @contextmanager
-def transport_errors(upstream: str, secret: str | None = None) -> Iterator[None]:
+def transport_errors(upstream: str, secrets: Secrets = ()) -> Iterator[None]:
     """Turn aiohttp transport failures into UpstreamError; timeouts and cancellation pass."""
     try:
         yield
     except TimeoutError:
         raise
     except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
-        detail = redact(_describe(exc), secret)
+        detail = redact(_describe(exc), secrets)
         raise UpstreamUnavailableError(
             f"upstream {upstream!r}: connection failed: {detail}", upstream=upstream
         ) from None
     except aiohttp.ClientResponseError as exc:  # malformed status line or headers
         raise UpstreamBadResponseError(
-            f"upstream {upstream!r}: malformed HTTP response: {redact(exc.message, secret)}",
+            f"upstream {upstream!r}: malformed HTTP response: {redact(exc.message, secrets)}",
             upstream=upstream,
         ) from None
     except aiohttp.ClientError as exc:
         raise UpstreamUnavailableError(
-            f"upstream {upstream!r}: request failed: {redact(repr(exc), secret)}",
+            f"upstream {upstream!r}: request failed: {redact(repr(exc), secrets)}",
             upstream=upstream,
         ) from None
 
@@ -204,12 +214,13 @@ def check_header(value: str, *, field: str) -> None:
         raise InvalidRequestError(f"{field} must not contain control characters", field=field)
 
 
-def base_headers(api_key: str | None, extra: Mapping[str, str]) -> dict[str, str]:
+def base_headers(api_key: str | None, *extra: Mapping[str, str]) -> dict[str, str]:
     """The headers every request carries: JSON, the bearer key when set, then the config's."""
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    headers.update(extra)
+    for more in extra:
+        headers.update(more)
     return headers
 
 
@@ -224,15 +235,18 @@ class PooledUpstream:
         api_key: str | None,
         max_response_bytes: int,
         target: str,
+        secret_headers: Mapping[str, str] | None = None,
     ) -> None:
+        """`secret_headers`: the resolved values of `headers_env`, sent and always redacted."""
         self.name = name
         self.kind: Kind = config.kind
         self.timeout_s = config.timeout_s
         self._target = target
-        self._secret = api_key or None
+        secret_headers = secret_headers or {}
+        self._secrets = secrets_of([api_key, *secret_headers.values()])
         self._limit = max_response_bytes
         self._max_connections = config.max_connections
-        self._headers = base_headers(api_key, config.headers)
+        self._headers = base_headers(api_key, config.headers, secret_headers)
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
@@ -268,13 +282,13 @@ class PooledUpstream:
         self, url: str, data: bytes, headers: Mapping[str, str]
     ) -> aiohttp.ClientResponse:
         """POST `data`; the response once its headers arrived (redirects are not followed)."""
-        with transport_errors(self.name, self._secret):
+        with transport_errors(self.name, self._secrets):
             return await self._pool().post(url, data=data, headers=headers, allow_redirects=False)
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
         """The capped body of a 2xx, the first bytes of any other; closes the link on failure."""
         try:
-            with transport_errors(self.name, self._secret):
+            with transport_errors(self.name, self._secrets):
                 if 200 <= resp.status < 300:
                     body = await read_capped(resp, self._limit, upstream=self.name)
                 else:
@@ -289,5 +303,5 @@ class PooledUpstream:
         """POST, read the capped body, map non-2xx to errors; `(status, body)`."""
         resp = await self._post(url, data, headers)
         body = await self._read(resp)
-        raise_for_status(resp.status, body, resp.headers, upstream=self.name, secret=self._secret)
+        raise_for_status(resp.status, body, resp.headers, upstream=self.name, secrets=self._secrets)
         return resp.status, body

@@ -29,9 +29,15 @@ class HttpUpstream(PooledUpstream):
         *,
         api_key: str | None,
         max_response_bytes: int,
+        secret_headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(
-            name, config, api_key=api_key, max_response_bytes=max_response_bytes, target=config.url
+            name,
+            config,
+            api_key=api_key,
+            max_response_bytes=max_response_bytes,
+            target=config.url,
+            secret_headers=secret_headers,
         )
         self._url = config.url
 
@@ -48,7 +54,7 @@ class HttpUpstream(PooledUpstream):
         try:
             orjson.loads(body)
         except orjson.JSONDecodeError:
-            raise not_json(self.name, status, body, "parse error", self._secret) from None
+            raise not_json(self.name, status, body, "parse error", self._secrets) from None
         return UpstreamResponse(payload=body, status=status, usage=None)
 
     async def stream(self, request: UpstreamRequest) -> AsyncGenerator[Chunk, None]:

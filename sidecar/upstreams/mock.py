@@ -25,6 +25,7 @@ import orjson
 from sidecar.config import MockUpstreamConfig
 from sidecar.errors import InvalidRequestError, UpstreamBadResponseError, UpstreamUnavailableError
 from sidecar.upstreams._aiohttp import raise_for_status
+from sidecar.upstreams._checks import check_messages
 from sidecar.upstreams.base import Chunk, UpstreamRequest, UpstreamResponse, Usage
 
 CREATED = 1_700_000_000  # a fixed timestamp keeps answers byte-for-byte deterministic
@@ -32,11 +33,17 @@ MODEL_OPERATIONS = ("chat", "", "embeddings")
 
 
 def _text_of(content: Any) -> str:
+    """The text of a message's content: a string, or the string `text`s of a list of parts."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        texts = (part.get("text") for part in content if isinstance(part, dict))
+        return " ".join(text for text in texts if isinstance(text, str))
     return ""
+
+
+def _message_text(message: Any) -> str:
+    return _text_of(message.get("content")) if isinstance(message, dict) else ""
 
 
 def _count_tokens(text: str) -> int:
@@ -45,6 +52,31 @@ def _count_tokens(text: str) -> int:
 
 def _last_message(messages: list[Any]) -> dict[str, Any]:
     return messages[-1] if messages and isinstance(messages[-1], dict) else {}
+
+
+def _first_tool_name(tools: Any) -> str | None:
+    """The name of the first tool offered (`tool` when it has none); None when none offered."""
+    if not isinstance(tools, list) or not tools or not isinstance(tools[0], dict):
+        return None
+    function = tools[0].get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) and name else "tool"
+
+
+def _check_tools(tools: Any) -> None:
+    """InvalidRequestError unless `tools` is absent or a list of objects whose `function`
+    (when present) is an object."""
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise InvalidRequestError("payload.tools must be a list of tools", field="payload.tools")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or (function is not None and not isinstance(function, dict)):
+            raise InvalidRequestError(
+                f"payload.tools[{i}] must be a JSON object whose function is an object",
+                field="payload.tools",
+            )
 
 
 class MockUpstream:
@@ -83,10 +115,9 @@ class MockUpstream:
             )
         if not isinstance(request.body, dict):
             raise InvalidRequestError("a model payload must be a JSON object", field="payload")
-        if request.operation != "embeddings" and not isinstance(request.body.get("messages"), list):
-            raise InvalidRequestError(
-                "chat payload needs a list of messages", field="payload.messages"
-            )
+        if request.operation != "embeddings":
+            check_messages(request.body.get("messages"))
+            _check_tools(request.body.get("tools"))
 
     def _next_hit(self) -> tuple[int, bool]:
         self.hits += 1
@@ -115,7 +146,7 @@ class MockUpstream:
         if kind == "status":
             status = self._config.failure_status
             body = orjson.dumps({"error": {"message": f"mock failure {status}", "type": "mock"}})
-            raise_for_status(status, body, {}, upstream=self.name, secret=None)
+            raise_for_status(status, body, {}, upstream=self.name, secrets=())
 
     def _garbage(self) -> UpstreamBadResponseError:
         return UpstreamBadResponseError(
@@ -153,10 +184,9 @@ class MockUpstream:
     def _reply(self, body: dict[str, Any]) -> tuple[dict[str, Any], str]:
         messages = body["messages"]
         last = _last_message(messages)
-        text = _text_of(last.get("content"))
-        tools = body.get("tools")
-        if tools and last.get("role") != "tool" and isinstance(tools[0], dict):
-            name = tools[0].get("function", {}).get("name", "tool")
+        text = _message_text(last)
+        name = _first_tool_name(body.get("tools"))
+        if name is not None and last.get("role") != "tool":
             call = {
                 "id": f"call_{len(messages)}",
                 "type": "function",
@@ -169,7 +199,7 @@ class MockUpstream:
 
     def _chat(self, body: dict[str, Any], hit: int) -> tuple[dict[str, Any], Usage]:
         message, finish = self._reply(body)
-        prompt = sum(_count_tokens(_text_of(m.get("content"))) for m in body["messages"])
+        prompt = sum(_count_tokens(_message_text(m)) for m in body["messages"])
         usage = Usage(prompt, _count_tokens(message.get("content") or "") or 1)
         answer = {
             "id": f"chatcmpl-mock-{hit}",

@@ -7,7 +7,7 @@ yields each event's JSON; a stream that ends without `data: [DONE]` is an error,
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -27,6 +27,7 @@ from sidecar.upstreams._aiohttp import (
     too_large,
     transport_errors,
 )
+from sidecar.upstreams._checks import check_messages
 from sidecar.upstreams.base import Chunk, UpstreamRequest, UpstreamResponse, Usage
 
 _CHAT = "/chat/completions"
@@ -119,10 +120,16 @@ class OpenAIUpstream(PooledUpstream):
         *,
         api_key: str | None,
         max_response_bytes: int,
+        secret_headers: Mapping[str, str] | None = None,
     ) -> None:
         base_url = config.base_url.removesuffix("/")
         super().__init__(
-            name, config, api_key=api_key, max_response_bytes=max_response_bytes, target=base_url
+            name,
+            config,
+            api_key=api_key,
+            max_response_bytes=max_response_bytes,
+            target=base_url,
+            secret_headers=secret_headers,
         )
         self._urls = {operation: base_url + path for operation, path in _PATHS.items()}
 
@@ -133,10 +140,8 @@ class OpenAIUpstream(PooledUpstream):
         body = request.body
         if not isinstance(body, dict):
             raise InvalidRequestError("payload must be a JSON object", field="payload")
-        if path == _CHAT and not isinstance(body.get("messages"), list):
-            raise InvalidRequestError(
-                "payload.messages must be a list of messages", field="payload.messages"
-            )
+        if path == _CHAT:
+            check_messages(body.get("messages"))
         if path == _EMBEDDINGS and "input" not in body:
             raise InvalidRequestError("payload.input is required", field="payload.input")
         if request.idempotency_key:
@@ -179,17 +184,17 @@ class OpenAIUpstream(PooledUpstream):
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
-            raise not_json(self.name, status, body, "parse error", self._secret) from None
+            raise not_json(self.name, status, body, "parse error", self._secrets) from None
         if not isinstance(obj, dict):
-            raise not_json(self.name, status, body, "not an object", self._secret)
+            raise not_json(self.name, status, body, "not an object", self._secrets)
         return obj
 
     async def _chunks(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[Chunk, None]:
-        with transport_errors(self.name, self._secret):
+        with transport_errors(self.name, self._secrets):
             if not 200 <= resp.status < 300:
                 body = await self._read(resp)
                 raise_for_status(
-                    resp.status, body, resp.headers, upstream=self.name, secret=self._secret
+                    resp.status, body, resp.headers, upstream=self.name, secrets=self._secrets
                 )
             parser, received = SSEParser(), 0
             async for data in resp.content.iter_any():
@@ -211,7 +216,7 @@ class OpenAIUpstream(PooledUpstream):
         if error is not None:
             reason = provider_message(error) or str(error)
             raise UpstreamUnavailableError(
-                f"upstream {self.name!r} failed mid-stream: {cut(redact(reason, self._secret))}",
+                f"upstream {self.name!r} failed mid-stream: {cut(redact(reason, self._secrets))}",
                 upstream=self.name,
             )
         return Chunk(data=event, usage=Usage.from_openai(obj.get("usage")))

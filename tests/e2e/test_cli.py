@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
+from aiohttp import web
 
 import tether
 from sidecar.cli import main
 from tests.conftest import ROOT
 from tests.e2e.processes import start_sidecar, stop, write_config
-from tests.integration.support import LoopThread, UpstreamApp
+from tests.integration.support import LoopThread, UpstreamApp, serve_app
 
 BAD_CONFIGS = {
     "unknown type": ("upstreams:\n  x: {kind: tool, type: ftp}\n", "upstreams.x.type"),
@@ -55,6 +59,21 @@ def test_check_config_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
     """A file that cannot be read is a clear error, exit 2."""
     assert main(["check-config", "/nonexistent/tether.yaml"]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_check_config_warns_of_unset_header_secrets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check-config warns, naming field and variable, when a headers_env variable is unset."""
+    monkeypatch.delenv("TT_HDR_NOPE", raising=False)
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "upstreams:\n  s: {type: http, url: 'http://127.0.0.1:1', "
+        "headers_env: {X-Api-Key: TT_HDR_NOPE}}\n"
+    )
+    assert main(["check-config", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "upstreams.s.headers_env.X-Api-Key: environment variable TT_HDR_NOPE" in err
 
 
 def test_serve_with_missing_secret_exits_2(tmp_path: Path) -> None:
@@ -122,3 +141,87 @@ def test_api_key_never_in_errors_or_logs(short_tmp: Path) -> None:
     assert secret not in err.message and secret not in err.body and secret not in str(err.metadata)
     assert "Incorrect API key provided" in err.message
     assert secret not in log.read_text()
+
+
+def test_busy_tcp_port_exits_1_with_one_line(tmp_path: Path) -> None:
+    """serve on a TCP port another socket holds exits 1 with a one-line error, no traceback."""
+    path = tmp_path / "c.yaml"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path.write_text(
+            f"listen: {{grpc: '127.0.0.1:{port}', metrics: null}}\n"
+            "upstreams:\n  m: {kind: model, type: mock}\n"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "sidecar", "serve", "--config", str(path)],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"tether: cannot listen on 127.0.0.1:{port}: ")
+
+
+class HeaderEcho:
+    """A real upstream that refuses every call with 401, quoting the credentials it got."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, str]] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def refuse(self, request: web.Request) -> web.Response:
+        self.seen.append(dict(request.headers))
+        quoted = {name: request.headers.get(name, "") for name in ("Authorization", "X-Api-Key")}
+        error = {"error": {"message": f"Invalid credentials: {quoted}"}}
+        return web.Response(status=401, body=orjson.dumps(error), content_type="application/json")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.refuse)
+        app.router.add_post("/tool", self.refuse)
+        self.runner, port = await serve_app(app)
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+@pytest.mark.parametrize("kind", ["openai", "http"])
+def test_secret_headers_arrive_but_never_leak(short_tmp: Path, kind: str) -> None:
+    """headers_env values (like the API key) reach the upstream as headers, trimmed, but never
+    the caller's error or the sidecar's logs."""
+    api_key, header_secret = "sk-test-DO-NOT-LEAK-1234567890", "hdr-DO-NOT-LEAK-0987654321"
+    loop, app = LoopThread(), HeaderEcho()
+    loop.run(app.start())
+    secrets: dict[str, Any] = {"api_key_env": "TT_API_KEY", "headers": {"X-Org": "acme"},
+                               "headers_env": {"X-Api-Key": "TT_HEADER_KEY"}}  # fmt: skip
+    upstreams = {
+        "openai": {"llm": {"type": "openai", "base_url": f"{app.url}/v1", **secrets}},
+        "http": {"llm": {"type": "http", "kind": "model", "url": f"{app.url}/tool", **secrets}},
+    }[kind]
+    env = {"TT_API_KEY": api_key, "TT_HEADER_KEY": header_secret + "\n"}
+    try:
+        config, address = write_config(short_tmp, upstreams)
+        log = short_tmp / "sidecar.log"
+        proc = start_sidecar(config, address, env=env, log=log)
+        with tether.Client(address) as client, pytest.raises(tether.UpstreamClientError) as info:
+            client.model("llm", {"model": "m", "messages": []})
+        assert stop(proc) == 0
+    finally:
+        loop.run(app.stop())
+        loop.stop()
+    headers = app.seen[0]
+    assert (headers["X-Api-Key"], headers["X-Org"]) == (header_secret, "acme")
+    assert headers["Authorization"] == f"Bearer {api_key}"
+    err = info.value
+    assert err.http_status == 401 and "Invalid credentials" in err.message
+    assert err.message.count("***") == 2  # both were quoted back, both redacted
+    for secret in (api_key, header_secret):
+        assert secret not in err.message and secret not in err.body
+        assert secret not in str(err.metadata)
+        assert secret not in log.read_text()

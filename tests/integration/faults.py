@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import web
 
+from tests.integration.support import serve_app
+
 ANSWER = {
     "id": "chatcmpl-f",
     "object": "chat.completion",
@@ -97,11 +99,7 @@ class FaultServer:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/e/{name}/chat/completions", self.handle)
-        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.runner, self.port = await serve_app(app)
 
     async def stop(self) -> None:
         if self.runner is not None:

@@ -21,6 +21,14 @@ from sidecar.server import SidecarServer, create_server
 T = TypeVar("T")
 
 
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serve `app` on 127.0.0.1, a free port; handlers see the caller hang up (cancelled)."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, runner.addresses[0][1]
+
+
 class LoopThread:
     """An event loop running in a daemon thread; `run` executes a coroutine on it."""
 
@@ -169,11 +177,7 @@ class UpstreamApp:
         app.router.add_post("/garbage/chat/completions", self.garbage)
         app.router.add_post("/echo-auth/chat/completions", self.echo_auth)
         app.router.add_post("/reset/chat/completions", self.reset)
-        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.runner, self.port = await serve_app(app)
 
     async def stop(self) -> None:
         if self.runner is not None:

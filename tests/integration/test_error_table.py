@@ -13,6 +13,12 @@ from tests.integration.conftest import SidecarFactory, standard_upstreams
 from tests.integration.support import LoopThread, UpstreamApp
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+MIB = 1024 * 1024
+
+
+def chat_of(size: int) -> dict[str, object]:
+    """A chat payload of about `size` bytes."""
+    return {"model": "m", "messages": [{"role": "user", "content": "x" * size}]}
 
 
 def call(address: str, upstream: str, payload: object = CHAT, **kw: object) -> tether.Result:
@@ -66,6 +72,68 @@ def test_payload_over_limit_is_resource_exhausted(
         call(server.addresses[0], "llm", big)
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info.value.metadata["limit_bytes"] == "1024"
+    assert upstream.seen == []
+
+
+def test_payload_up_to_twice_the_limit_has_details(
+    make_sidecar: SidecarFactory, upstream: UpstreamApp
+) -> None:
+    """A payload well over the limit (up to twice it) is refused by the sidecar with its sizes."""
+    limit = 2 * MIB
+    server = make_sidecar(standard_upstreams(upstream.url), limits={"max_payload_bytes": limit})
+    with pytest.raises(tether.PayloadTooLargeError) as info:
+        call(server.addresses[0], "llm", chat_of(4 * MIB))
+    assert info.value.reason == "PAYLOAD_TOO_LARGE"
+    assert info.value.metadata["limit_bytes"] == str(limit)
+    assert upstream.seen == []
+
+
+def test_payload_over_twice_the_limit_is_too_large(
+    make_sidecar: SidecarFactory, upstream: UpstreamApp
+) -> None:
+    """A payload over twice the limit, refused by gRPC itself, is still PayloadTooLargeError."""
+    server = make_sidecar(standard_upstreams(upstream.url), limits={"max_payload_bytes": MIB})
+    with pytest.raises(tether.PayloadTooLargeError) as info:
+        call(server.addresses[0], "llm", chat_of(4 * MIB))
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert upstream.seen == []
+
+
+def test_client_max_message_bytes_bounds_sends(address: str, upstream: UpstreamApp) -> None:
+    """Client(max_message_bytes=N) refuses to send a larger message; nothing reaches upstream."""
+    with tether.Client(address, max_message_bytes=1024) as client:
+        assert client.model("llm", CHAT).json()["object"] == "chat.completion"
+        with pytest.raises(tether.PayloadTooLargeError):
+            client.model("llm", chat_of(2000))
+    assert len(upstream.seen) == 1
+
+
+async def test_async_client_max_message_bytes_bounds_sends(
+    address: str, upstream: UpstreamApp
+) -> None:
+    """AsyncClient(max_message_bytes=N) refuses to send a larger message too."""
+    async with tether.AsyncClient(address, max_message_bytes=1024) as client:
+        with pytest.raises(tether.PayloadTooLargeError):
+            await client.model("llm", chat_of(2000))
+    assert upstream.seen == []
+
+
+@pytest.mark.parametrize(
+    ("target", "payload", "field"),
+    [
+        ("mock", {"model": "m", "messages": ["hi"]}, "payload.messages"),
+        ("mock", {**CHAT, "tools": [{"function": "x"}]}, "payload.tools"),
+        ("llm", {"model": "m", "messages": ["hi"]}, "payload.messages"),
+    ],
+)
+def test_malformed_chat_shapes_are_invalid_argument(
+    address: str, upstream: UpstreamApp, target: str, payload: object, field: str
+) -> None:
+    """A chat payload of the wrong shape is INVALID_ARGUMENT naming its field, never INTERNAL."""
+    with pytest.raises(tether.InvalidRequestError) as info:
+        call(address, target, payload)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.metadata["field"] == field
     assert upstream.seen == []
 
 

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import tether
+from sidecar.config import parse_config
 from sidecar.server import AddressInUseError, SidecarServer, create_server, unix_path
 from tests.integration.support import LoopThread, sidecar_config, start_sidecar
 
@@ -82,3 +83,30 @@ def test_live_socket_is_not_stolen(sidecar: SidecarServer, loop_thread: LoopThre
         loop_thread.run(create_server(config))
     with tether.Client(sidecar.addresses[0]) as client:
         assert client.status().serving
+
+
+def test_non_socket_file_is_not_replaced(short_tmp: Path, loop_thread: LoopThread) -> None:
+    """A regular file at the socket path is kept, and the sidecar refuses to start, naming it."""
+    path = short_tmp / "notes.sock"
+    path.write_text("precious")
+    config = sidecar_config(str(path), {"m": {"kind": "model", "type": "mock"}})
+    with pytest.raises(AddressInUseError, match="not a socket") as info:
+        loop_thread.run(create_server(config))
+    assert str(path) in str(info.value)
+    assert path.read_text() == "precious"
+
+
+def test_busy_tcp_port_is_address_in_use(short_tmp: Path, loop_thread: LoopThread) -> None:
+    """A TCP port another socket listens on is AddressInUseError; no socket file is left."""
+    path = short_tmp / "t.sock"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        data = {
+            "listen": {"grpc": [f"unix:{path}", f"127.0.0.1:{port}"], "metrics": None},
+            "upstreams": {"m": {"kind": "model", "type": "mock"}},
+        }
+        with pytest.raises(AddressInUseError, match=f"cannot listen on 127.0.0.1:{port}: "):
+            loop_thread.run(create_server(parse_config(data)))
+    assert not path.exists()

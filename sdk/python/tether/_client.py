@@ -12,8 +12,8 @@ import orjson
 
 from tether._errors import InternalError, from_rpc_error
 from tether._messages import (
-    CHANNEL_OPTIONS,
     KIND_VALUES,
+    MAX_MESSAGE_BYTES,
     GuardState,
     Result,
     Status,
@@ -21,6 +21,7 @@ from tether._messages import (
     begin_request,
     call_metadata,
     call_request,
+    channel_options,
     end_request,
     resolve_target,
 )
@@ -105,13 +106,20 @@ class Client:
     """Calls the sidecar over gRPC from synchronous code (thread-safe)."""
 
     def __init__(
-        self, target: str | None = None, *, token: str | None = None, timeout_s: float | None = None
+        self,
+        target: str | None = None,
+        *,
+        token: str | None = None,
+        timeout_s: float | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
-        """`target`: argument, else $TETHER_ADDRESS, else `unix:tether.sock`."""
+        """`target`: argument, else $TETHER_ADDRESS, else `unix:tether.sock`.
+        `max_message_bytes` bounds each message the channel sends or receives."""
         self.target = resolve_target(target)
         self.timeout_s = timeout_s
         self._metadata = call_metadata(token)
-        self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        options = channel_options(max_message_bytes)
+        self._channel = grpc.insecure_channel(self.target, options=options)
         self._stub = pb_grpc.SidecarStub(self._channel)
 
     def _call(self, request: pb.CallRequest, timeout_s: float | None) -> Result:

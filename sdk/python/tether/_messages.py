@@ -15,14 +15,25 @@ DEFAULT_TARGET: Final = "unix:tether.sock"
 TARGET_ENV: Final = "TETHER_ADDRESS"
 TOKEN_ENV: Final = "TETHER_TOKEN"
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
-CHANNEL_OPTIONS: Final = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+RECONNECT_OPTIONS: Final = (
     # A restarted sidecar is found again within a fraction of a second.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[tuple[str, int], ...]:
+    """The channel's options: send and receive limits of `max_message_bytes`, fast reconnect."""
+    if max_message_bytes <= 0:
+        raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
+    return (
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        *RECONNECT_OPTIONS,
+    )
+
+
 KINDS: Final = {pb.CALL_KIND_MODEL: "model", pb.CALL_KIND_TOOL: "tool"}
 KIND_VALUES: Final = {"model": pb.CALL_KIND_MODEL, "tool": pb.CALL_KIND_TOOL}
 
@@ -157,15 +168,30 @@ def call_request(
     labels: Mapping[str, str] | None = None,
 ) -> pb.CallRequest:
     """The CallRequest for one model or tool call."""
-    return pb.CallRequest(
-        upstream=upstream,
-        kind=kind,  # type: ignore[arg-type]
-        operation=operation,
-        payload=encode_payload(payload),
-        run_id=run_id,
-        idempotency_key=idempotency_key,
-        labels=labels,
-    )
+    fields = _request_fields(upstream, kind, operation, payload, run_id=run_id,
+                             idempotency_key=idempotency_key, labels=labels)  # fmt: skip
+    return pb.CallRequest(**fields)
+
+
+def _request_fields(
+    upstream: str,
+    kind: int,
+    operation: str,
+    payload: Any,
+    *,
+    run_id: str = "",
+    idempotency_key: str = "",
+    labels: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    return {
+        "upstream": upstream,
+        "kind": kind,
+        "operation": operation,
+        "payload": encode_payload(payload),
+        "run_id": run_id,
+        "idempotency_key": idempotency_key,
+        "labels": labels,
+    }
 
 
 class StreamSummary:
@@ -190,26 +216,9 @@ class StreamSummary:
         self.done = True
 
 
-def begin_request(
-    upstream: str,
-    kind: int,
-    operation: str,
-    payload: Any,
-    *,
-    run_id: str = "",
-    idempotency_key: str = "",
-    labels: Mapping[str, str] | None = None,
-) -> pb.BeginCallRequest:
-    """The BeginCallRequest of a guarded call."""
-    return pb.BeginCallRequest(
-        upstream=upstream,
-        kind=kind,  # type: ignore[arg-type]
-        operation=operation,
-        payload=encode_payload(payload),
-        run_id=run_id,
-        idempotency_key=idempotency_key,
-        labels=labels,
-    )
+def begin_request(upstream: str, kind: int, operation: str, payload: Any, **ids: Any) -> Any:
+    """The BeginCallRequest of a guarded call (the same fields as a CallRequest)."""
+    return pb.BeginCallRequest(**_request_fields(upstream, kind, operation, payload, **ids))
 
 
 TRANSIENT_ERRORS = (ConnectionError, TimeoutError)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from sidecar.config import (
     ConfigError,
     MockUpstreamConfig,
+    OpenAIUpstreamConfig,
     default_config,
     load_config_text,
+    parse_config,
     resolve_secret,
 )
+from sidecar.upstreams.registry import build_upstreams
 
 GOOD = """
 listen:
@@ -120,6 +125,98 @@ def test_missing_secret_names_variable_not_value(monkeypatch: pytest.MonkeyPatch
     assert "TT_SECRET" in str(info.value)
     monkeypatch.setenv("TT_SECRET", "sk-very-secret")
     assert resolve_secret("TT_SECRET", what="x") == "sk-very-secret"
+
+
+def test_secret_surrounding_whitespace_is_stripped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secret's surrounding whitespace (a secret file's trailing newline) is dropped."""
+    monkeypatch.setenv("TT_SECRET", " sk-very-secret\n")
+    assert resolve_secret("TT_SECRET", what="x") == "sk-very-secret"
+    monkeypatch.setenv("TT_SECRET", " \n")
+    with pytest.raises(ConfigError, match="TT_SECRET is not set or empty"):
+        resolve_secret("TT_SECRET", what="x")
+
+
+@pytest.mark.parametrize("value", ["sk-a\nb", "sk-a\r\nb", "sk-a\tb", "sk-a\x1bb", "sk-a\x7fb"])
+def test_secret_with_control_characters_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """A secret holding control characters is a ConfigError naming the variable, not the value."""
+    monkeypatch.setenv("TT_SECRET", value)
+    with pytest.raises(ConfigError) as info:
+        resolve_secret("TT_SECRET", what="upstreams.llm.api_key_env")
+    text = str(info.value)
+    assert "TT_SECRET" in text and "control characters" in text
+    assert "sk-" not in text
+
+
+def http_upstreams(**fields: Any) -> dict[str, Any]:
+    """Config data with one openai and one http upstream carrying `fields`."""
+    return {
+        "upstreams": {
+            "llm": {"type": "openai", "base_url": "https://example.test/v1", **fields},
+            "tool": {"type": "http", "url": "https://example.test/tool", **fields},
+        }
+    }
+
+
+def problems_of_data(data: dict[str, Any]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    return info.value.problems
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Evil: 1", "a\nb", "a\x00b", "a\x1bb", "a\x7f"])
+def test_header_values_with_control_characters_are_refused(value: str) -> None:
+    """A configured header value with CR, LF, NUL or another control character names its field."""
+    problems = problems_of_data(http_upstreams(headers={"X-Org": value}))
+    assert [p.split(":")[0] for p in problems] == [
+        "upstreams.llm.headers",
+        "upstreams.tool.headers",
+    ]
+    assert all("'X-Org'" in p and "control characters" in p for p in problems)
+
+
+def test_headers_env_maps_header_names_to_variables() -> None:
+    """headers_env maps header names to environment variables, next to plain headers."""
+    data = http_upstreams(headers={"X-Org": "acme"}, headers_env={"X-Api-Key": "TT_HDR"})
+    spec = parse_config(data).upstreams["llm"]
+    assert isinstance(spec, OpenAIUpstreamConfig)
+    assert (spec.headers, spec.headers_env) == ({"X-Org": "acme"}, {"X-Api-Key": "TT_HDR"})
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "reason"),
+    [
+        ({"headers_env": {"X Key": "TT_HDR"}}, "headers_env", "not a valid HTTP header name"),
+        ({"headers_env": {"X-Key": ""}}, "headers_env.X-Key", "at least 1 character"),
+        ({"headers": {"Bad:Name": "v"}}, "headers", "not a valid HTTP header name"),
+        (
+            {"headers": {"x-key": "v"}, "headers_env": {"X-Key": "TT_HDR"}},
+            "headers_env",
+            "also set in headers",
+        ),
+    ],
+)
+def test_bad_headers_env_names_field(fields: dict[str, Any], field: str, reason: str) -> None:
+    """Bad header names, empty variable names and clashes with headers name their field."""
+    problems = problems_of_data(http_upstreams(**fields))
+    assert len(problems) == 2
+    for name, problem in zip(("llm", "tool"), problems, strict=True):
+        assert problem.startswith(f"upstreams.{name}.{field}:") and reason in problem
+
+
+def test_headers_env_secrets_are_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building the upstreams reads each headers_env variable; a missing one names its field."""
+    data = http_upstreams(headers_env={"X-Api-Key": "TT_HDR"})
+    monkeypatch.delenv("TT_HDR", raising=False)
+    with pytest.raises(ConfigError) as info:
+        build_upstreams(parse_config(data))
+    assert info.value.source == "upstreams.llm.headers_env.X-Api-Key"
+    assert "TT_HDR" in info.value.problems[0]
+    monkeypatch.setenv("TT_HDR", "hdr-secret\n")
+    upstreams = build_upstreams(parse_config(data))
+    for upstream in upstreams.values():
+        assert upstream._headers["X-Api-Key"] == "hdr-secret"  # type: ignore[attr-defined]
 
 
 def test_config_is_frozen() -> None:

@@ -140,3 +140,49 @@ def test_validate_rejects_bad_model_payloads() -> None:
     with pytest.raises(errors.InvalidRequestError) as info:
         up.validate(request(CHAT, operation="fly"))
     assert info.value.field == "operation"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"messages": ["hi"]}, "payload.messages"),
+        ({"messages": [{"role": "user", "content": "x"}, 5]}, "payload.messages"),
+        ({**CHAT, "tools": [{"function": "x"}]}, "payload.tools"),
+        ({**CHAT, "tools": ["search"]}, "payload.tools"),
+        ({**CHAT, "tools": {"function": {"name": "search"}}}, "payload.tools"),
+    ],
+)
+def test_validate_rejects_malformed_chat_shapes(body: dict[str, Any], field: str) -> None:
+    """Messages that are not objects and malformed tools are InvalidRequestError on their field."""
+    with pytest.raises(errors.InvalidRequestError) as info:
+        mock().validate(request(body))
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("content", "prompt_tokens"),
+    [
+        ([{"text": 5}, {"type": "image_url"}, "raw", {"text": "two words"}], 2),
+        (5, 0),
+        (None, 0),
+        ({"text": "an object"}, 0),
+    ],
+)
+async def test_odd_content_types_are_answered(content: Any, prompt_tokens: int) -> None:
+    """Content of odd types is answered (unary and streamed), counting only its string texts."""
+    body = {"messages": [{"role": "user", "content": content}]}
+    up = mock()
+    up.validate(request(body))
+    answer = await up.call(request(body))
+    assert answer.usage is not None and answer.usage.input_tokens == prompt_tokens
+    chunks = [c async for c in up.stream(request(body))]
+    assert chunks[-1].usage is not None
+
+
+async def test_tool_without_a_string_name_is_called_tool() -> None:
+    """An offered tool whose function has no usable name is called as `tool`."""
+    for tool in ({"type": "function"}, {"function": {"name": 5}}, {"function": None}):
+        body = {**CHAT, "tools": [tool]}
+        mock().validate(request(body))
+        answer = orjson.loads((await mock().call(request(body))).payload)
+        assert answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "tool"
