@@ -33,6 +33,8 @@ DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_CONCURRENT_RPCS = 1024
 DEFAULT_GRACE_S = 10.0
 DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_JOURNAL_PATH = "tether-journal.db"
+DEFAULT_MAX_ENTRY_BYTES = 1024 * 1024
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 9110 token
 
@@ -281,6 +283,30 @@ UpstreamConfig = Annotated[
 ]
 
 
+class RetentionConfig(_Model):
+    """How long journal entries and checkpoints are kept; enforced every `interval_s`."""
+
+    max_age_s: float = Field(7 * 86400.0, gt=0)
+    max_entries_per_run: int = Field(10_000, ge=1)
+    max_checkpoints_per_run: int = Field(100, ge=1)
+    interval_s: float = Field(60.0, gt=0)
+
+
+class JournalConfig(_Model):
+    """The durable call journal and checkpoints (`backend: none` turns replay off)."""
+
+    backend: Literal["sqlite", "none"] = "sqlite"
+    path: str = DEFAULT_JOURNAL_PATH
+    # full: a commit survives power loss (fsync per group commit); normal: process crashes only
+    synchronous: Literal["full", "normal"] = "full"
+    max_entry_bytes: int = Field(DEFAULT_MAX_ENTRY_BYTES, gt=0)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend != "none"
+
+
 class Config(_Model):
     """The whole configuration file."""
 
@@ -289,6 +315,7 @@ class Config(_Model):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     auth: AuthConfig | None = None
+    journal: JournalConfig = Field(default_factory=JournalConfig)
 
     @field_validator("upstreams")
     @classmethod

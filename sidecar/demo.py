@@ -22,6 +22,7 @@ def _write_config(directory: str) -> tuple[str, str]:
     data = yaml.safe_load(default_config_text())
     address = f"unix:{directory}/tether.sock"
     data["listen"] = {"grpc": address, "metrics": None}
+    data["journal"] = {"path": os.path.join(directory, "journal.db")}
     path = os.path.join(directory, "tether.yaml")
     Path(path).write_text(yaml.safe_dump(data), encoding="utf-8")
     return path, address

@@ -8,6 +8,7 @@ them into gRPC status codes with rich details. Messages never contain secrets.
     ├── InvalidRequestError          malformed request, wrong kind, bad JSON
     ├── UnknownUpstreamError         no upstream of that name
     ├── PayloadTooLargeError         request over `limits.max_payload_bytes`
+    ├── NotFoundError                no such run, call or checkpoint in the journal
     ├── UnauthenticatedError         missing or wrong bearer token
     ├── DrainingError                the sidecar is shutting down
     ├── NotSupportedError       an RPC whose feature is not enabled
@@ -21,9 +22,11 @@ them into gRPC status codes with rich details. Messages never contain secrets.
     │   ├── UpstreamBadResponseError answer that is not what the protocol promises
     │   ├── UpstreamResponseTooLargeError
     │   └── UpstreamClientError      4xx: the request was refused; status passed through
-    └── JournalError
-        ├── NonDeterministicReplayError
-        └── OutcomeUnknownError
+    ├── JournalError
+    │   ├── NonDeterministicReplayError
+    │   ├── OutcomeUnknownError
+    │   └── JournalUnavailableError
+    └── JournaledError               a journaled failure replayed with its original status
 """
 
 from __future__ import annotations
@@ -78,6 +81,10 @@ class PayloadTooLargeError(SidecarError):
 
     def metadata(self) -> dict[str, str]:
         return {"size_bytes": str(self.size), "limit_bytes": str(self.limit)}
+
+
+class NotFoundError(SidecarError):
+    """A run, call or checkpoint the request names is not in the journal."""
 
 
 class UnauthenticatedError(SidecarError):
@@ -198,3 +205,29 @@ class NonDeterministicReplayError(JournalError):
 
 class OutcomeUnknownError(JournalError):
     """A call was started but never completed, and its upstream is not idempotent."""
+
+    def __init__(self, message: str, *, run_id: str, key: str, upstream: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.key = key
+        self.upstream = upstream
+
+    def metadata(self) -> dict[str, str]:
+        return {"run_id": self.run_id, "idempotency_key": self.key, "upstream": self.upstream}
+
+
+class JournalUnavailableError(JournalError):
+    """The journal cannot be read or written; the call is refused rather than unjournaled."""
+
+
+class JournaledError(SidecarError):
+    """An error answered from the journal: the status the original call got, again."""
+
+    def __init__(self, message: str, *, code: str, reason: str, metadata: dict[str, str]) -> None:
+        super().__init__(message)
+        self.code_name = code
+        self.reason = reason
+        self._metadata = metadata
+
+    def metadata(self) -> dict[str, str]:
+        return {**self._metadata, "replayed": "true"}

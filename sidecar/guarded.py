@@ -1,9 +1,11 @@
 """Guarded calls: the agent executes the call itself; the sidecar admits it and learns its outcome.
 
-`begin` runs the same gates as a proxied call (rate limit, bulkhead, breaker) and hands out
-a `call_id`; `end` reports the outcome to them. A call whose `end` never comes (the agent
-died) is released as neutral when its lease, the upstream's per-attempt timeout, runs out,
-so a crashed agent cannot hold bulkhead slots or half-open probes forever.
+`begin` first asks the journal (a completed call of the run is answered from it, replayed),
+then runs the same gates as a proxied call (rate limit, bulkhead, breaker) and hands out a
+`call_id`; `end` reports the outcome to the gates and the journal. A call whose `end` never
+comes (the agent died) is released as neutral when its lease, the upstream's per-attempt
+timeout, runs out, so a crashed agent cannot hold bulkhead slots or half-open probes forever;
+its journal entry stays in doubt unless the upstream is idempotent.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 import orjson
 
 from sidecar import errors
+from sidecar.journal.base import Completion, Entry, State, StoredError
+from sidecar.journal.recorder import Claim, Ident, Recorder, request_hash
 from sidecar.pipeline import Admission, Pipeline, Route
 from sidecar.policies.base import NEUTRAL, UPSTREAM_SIDE_4XX, Outcome, Permit, Verdict
 from sidecar.policies.deadline import Deadline
@@ -27,6 +31,7 @@ class _Guarded:
     route: Route
     admission: Admission
     permit: Permit | None
+    claim: Claim | None = None
     lease: asyncio.TimerHandle | None = None
 
     def release(self, outcome: Outcome) -> None:
@@ -51,18 +56,75 @@ def outcome_of_end(request: pb.EndCallRequest) -> Outcome:
     return Outcome(Verdict.FAILURE if failed else Verdict.SUCCESS, usage=usage)
 
 
+def replayed_begin(entry: Entry, key: str) -> pb.BeginCallResponse:
+    usage = pb.Usage(input_tokens=entry.input_tokens, output_tokens=entry.output_tokens,
+                     total_tokens=entry.input_tokens + entry.output_tokens)  # fmt: skip
+    return pb.BeginCallResponse(
+        replayed=True, payload=entry.payload or b"", usage=usage, idempotency_key=key
+    )
+
+
+def replayed_error(error: errors.JournaledError, key: str) -> pb.BeginCallResponse:
+    meta = error.metadata()
+    status = int(meta.get("status", "0") or 0)
+    failure = pb.CallError(type=error.reason, message=error.message, status=status)
+    return pb.BeginCallResponse(replayed=True, error=failure, idempotency_key=key)
+
+
+def completion_of_end(request: pb.EndCallRequest, claim: Claim) -> Completion:
+    usage = request.usage
+    if request.WhichOneof("outcome") != "error":
+        return Completion(
+            State.DONE,
+            answered_by=claim.ident.upstream,
+            payload=request.payload,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+        )
+    e = request.error
+    stored = StoredError("UNKNOWN", e.type or "error", e.message, {"status": str(e.status)},
+                         e.retryable)  # fmt: skip
+    return Completion(State.FAILED, answered_by=claim.ident.upstream, error=stored)
+
+
 class GuardedCalls:
     """Guarded calls in progress, by call id."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, recorder: Recorder | None = None) -> None:
         self._pipeline = pipeline
+        self._recorder = recorder
         self._calls: dict[str, _Guarded] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._calls)
 
-    async def begin(self, route: Route, request: pb.BeginCallRequest, deadline: Deadline) -> str:
-        """Admit the call through the route's gates; returns its call id."""
+    async def begin(
+        self, route: Route, request: pb.BeginCallRequest, deadline: Deadline
+    ) -> pb.BeginCallResponse:
+        """Answer from the journal, or admit the call through the route's gates."""
+        claim = None
+        if self._recorder is not None and request.run_id and request.idempotency_key:
+            digest = request_hash(route.name, request.operation, False, request.payload)
+            ident = Ident(request.run_id, request.idempotency_key, route.name,
+                          request.operation, False, digest)  # fmt: skip
+            try:
+                claim = await self._recorder.claim(ident, idempotent=route.idempotent)
+            except errors.JournaledError as error:
+                return replayed_error(error, request.idempotency_key)
+            if claim.entry is not None:
+                return replayed_begin(claim.entry, request.idempotency_key)
+        try:
+            call_id = await self._admit(route, request, deadline, claim)
+        except BaseException as exc:
+            if claim is not None:
+                await asyncio.shield(claim.fail(exc))
+            raise
+        return pb.BeginCallResponse(call_id=call_id, idempotency_key=request.idempotency_key)
+
+    async def _admit(
+        self, route: Route, request: pb.BeginCallRequest, deadline: Deadline, claim: Claim | None
+    ) -> str:
         try:
             body = orjson.loads(request.payload) if request.payload else None
         except orjson.JSONDecodeError:
@@ -78,15 +140,15 @@ class GuardedCalls:
             route.errors += 1
             raise
         call_id = secrets.token_hex(12)
-        guarded = _Guarded(route, admission, permit)
+        guarded = _Guarded(route, admission, permit, claim)
         loop = asyncio.get_running_loop()
         guarded.lease = loop.call_later(route.attempt_timeout_s, self._expire, call_id)
         route.in_flight += 1
         self._calls[call_id] = guarded
         return call_id
 
-    def end(self, request: pb.EndCallRequest) -> None:
-        """Report the outcome of a begun call to its gates."""
+    async def end(self, request: pb.EndCallRequest) -> None:
+        """Report the outcome of a begun call to its gates and the journal."""
         guarded = self._calls.pop(request.call_id, None)
         if guarded is None:
             raise errors.InvalidRequestError(
@@ -98,9 +160,16 @@ class GuardedCalls:
         if request.WhichOneof("outcome") == "error":
             guarded.route.errors += 1
         guarded.release(outcome)
+        if guarded.claim is not None:
+            await guarded.claim.settle(completion_of_end(request, guarded.claim))
 
     def _expire(self, call_id: str) -> None:
         guarded = self._calls.pop(call_id, None)
-        if guarded is not None:
-            guarded.lease = None
-            guarded.release(NEUTRAL)
+        if guarded is None:
+            return
+        guarded.lease = None
+        guarded.release(NEUTRAL)
+        if guarded.claim is not None:
+            task = asyncio.ensure_future(guarded.claim.abandon())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)

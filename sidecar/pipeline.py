@@ -55,6 +55,7 @@ class Route:
         self.name = name
         self.upstream = upstream
         self.attempt_timeout_s = spec.attempt_timeout_s
+        self.idempotent = spec.is_idempotent
         self.fallback_names = list(policies.fallback)
         self.fallbacks: list[Route] = []
         self.limiter = (
@@ -103,11 +104,17 @@ class CallResult:
 
 
 @dataclass(slots=True)
-class StreamInfo:
+class CallTrace:
+    """Filled while a call runs: upstream attempts begun so far (0: nothing was sent)."""
+
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class StreamInfo(CallTrace):
     """Filled while a stream runs: which upstream answered, after how many attempts."""
 
     upstream: str = ""
-    attempts: int = 0
     usage: Usage | None = None
 
 
@@ -143,12 +150,19 @@ class Pipeline:
 
     # -- unary calls ------------------------------------------------------------------------
 
-    async def call(self, route: Route, request: UpstreamRequest, deadline: Deadline) -> CallResult:
+    async def call(
+        self,
+        route: Route,
+        request: UpstreamRequest,
+        deadline: Deadline,
+        trace: CallTrace | None = None,
+    ) -> CallResult:
         """The call on `route`, else on its fallbacks in order."""
+        trace = trace or CallTrace()
         attempts = 0
         for target in self._candidates(route):
             try:
-                result = await self._call_route(target, request, deadline)
+                result = await self._call_route(target, request, deadline, trace)
             except errors.SidecarError as exc:
                 attempts += getattr(exc, "attempts", 0)
                 if not self._next_candidate(route, target, exc, deadline):
@@ -175,13 +189,13 @@ class Pipeline:
         return fall
 
     async def _call_route(
-        self, route: Route, request: UpstreamRequest, deadline: Deadline
+        self, route: Route, request: UpstreamRequest, deadline: Deadline, trace: CallTrace
     ) -> CallResult:
         admission = await self.admit(route, request, deadline)
         route.in_flight += 1
         outcome = NEUTRAL
         try:
-            result = await self._attempts(route, request, deadline)
+            result = await self._attempts(route, request, deadline, trace)
             outcome = Outcome(Verdict.SUCCESS, usage=result.response.usage)
             return result
         except BaseException as exc:
@@ -193,13 +207,14 @@ class Pipeline:
             admission.release(outcome)
 
     async def _attempts(
-        self, route: Route, request: UpstreamRequest, deadline: Deadline
+        self, route: Route, request: UpstreamRequest, deadline: Deadline, trace: CallTrace
     ) -> CallResult:
         if route.retrier is not None:
             route.retrier.budget.record_call()
         attempt = 0
         while True:
             attempt += 1
+            trace.attempts += 1
             try:
                 response = await self._attempt(route, request, deadline)
             except errors.UpstreamError as exc:
@@ -260,7 +275,11 @@ class Pipeline:
     # -- streams -----------------------------------------------------------------------------
 
     async def stream(
-        self, route: Route, request: UpstreamRequest, deadline: Deadline, info: StreamInfo
+        self,
+        route: Route,
+        request: UpstreamRequest,
+        deadline: Deadline,
+        info: StreamInfo,
     ) -> AsyncGenerator[Chunk, None]:
         """The chunks of the call on `route` or a fallback. Failures before the first chunk
         are retried and fall back like unary calls; after it, they end the stream."""

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import stat
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -24,6 +25,8 @@ from grpc_reflection.v1alpha import reflection
 
 from sidecar.config import Config, resolve_secret, split_host_port
 from sidecar.interceptors import GuardInterceptor
+from sidecar.journal.recorder import Recorder
+from sidecar.journal.sqlite import SQLiteJournal
 from sidecar.service import SidecarService
 from sidecar.upstreams.base import Upstream
 from sidecar.upstreams.registry import build_upstreams
@@ -78,9 +81,14 @@ class SidecarServer:
     grace_s: float
     addresses: list[str] = field(default_factory=list)
     _socket_paths: list[str] = field(default_factory=list)
+    _retention: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Open upstream clients, start serving, mark health SERVING."""
+        """Open the journal and upstream clients, start serving, mark health SERVING."""
+        recorder = self.service.recorder
+        if recorder is not None:
+            await recorder.store.open()
+            self._retention = asyncio.create_task(self._retain(recorder))
         for upstream in self.upstreams.values():
             await upstream.start()
         await self.server.start()
@@ -88,6 +96,20 @@ class SidecarServer:
             os.chmod(path, 0o600)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s", ", ".join(self.addresses))
+
+    async def _retain(self, recorder: Recorder) -> None:
+        """Apply the journal's retention rules every `interval_s`, in the background."""
+        rules = self.service.config.journal.retention
+        while True:
+            await asyncio.sleep(rules.interval_s)
+            try:
+                removed = await recorder.store.expire(time.time())
+            except Exception:
+                log.exception("journal retention failed; will try again")
+                continue
+            if removed.entries or removed.checkpoints or removed.runs:
+                log.info("journal retention removed %d entries, %d checkpoints, %d runs",
+                         removed.entries, removed.checkpoints, removed.runs)  # fmt: skip
 
     async def _set_health(self, state: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         await self.health.set("", state)
@@ -103,6 +125,7 @@ class SidecarServer:
         remaining = await self._wait_in_flight(grace)
         await self.server.stop(max(remaining, 0.1))
         await self.close_upstreams()
+        await self.close_journal()
         self.remove_socket_files()
         log.info("stopped")
 
@@ -126,6 +149,13 @@ class SidecarServer:
     async def close_upstreams(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.close()
+
+    async def close_journal(self) -> None:
+        if self._retention is not None:
+            self._retention.cancel()
+            self._retention = None
+        if self.service.recorder is not None:
+            await self.service.recorder.store.close()
 
 
 def _server_options(config: Config) -> list[tuple[str, int]]:
@@ -198,6 +228,13 @@ def _add_port(server: grpc.aio.Server, address: str) -> int:
         ) from exc
 
 
+def build_recorder(config: Config) -> Recorder | None:
+    """The journal named by `journal.backend` (opened when the server starts), or None."""
+    if not config.journal.enabled:
+        return None
+    return Recorder(SQLiteJournal(config.journal), config.journal)
+
+
 async def create_server(config: Config) -> tuple[SidecarServer, int]:
     """Build and bind the sidecar (not started) on the running loop; the port is the first
     TCP port bound, or 0 when it listens on unix sockets only."""
@@ -209,7 +246,7 @@ async def create_server(config: Config) -> tuple[SidecarServer, int]:
         options=_server_options(config),
         maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs,
     )
-    service = SidecarService(config, upstreams)
+    service = SidecarService(config, upstreams, recorder=build_recorder(config))
     sidecar_pb2_grpc.add_SidecarServicer_to_server(service, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

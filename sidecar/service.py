@@ -7,6 +7,7 @@ deadline, and every failure leaves through `abort`, the one place errors become 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,9 +20,20 @@ import orjson
 from sidecar import errors, status
 from sidecar.config import Config
 from sidecar.guarded import GuardedCalls
-from sidecar.pipeline import Pipeline, Route, StreamInfo
+from sidecar.journal.base import Completion, State
+from sidecar.journal.recorder import Claim, Ident, Recorder, request_hash
+from sidecar.journal.rpc import JournalRPCs
+from sidecar.journal.wire import (
+    completion_of,
+    entry_usage,
+    frame,
+    replayed_response,
+    unframe,
+    usage_pb,
+)
+from sidecar.pipeline import CallResult, Pipeline, Route, StreamInfo
 from sidecar.policies.clock import SYSTEM_CLOCK, Clock
-from sidecar.upstreams.base import Upstream, UpstreamRequest, Usage
+from sidecar.upstreams.base import Upstream, UpstreamRequest
 from tether.v1 import sidecar_pb2 as pb
 from tether.v1 import sidecar_pb2_grpc as pb_grpc
 
@@ -30,19 +42,8 @@ log = logging.getLogger("tether.sidecar")
 KIND_TO_PB = {"model": pb.CALL_KIND_MODEL, "tool": pb.CALL_KIND_TOOL}
 PB_TO_KIND: dict[int, str] = {pb.CALL_KIND_MODEL: "model", pb.CALL_KIND_TOOL: "tool"}
 DEFAULT_OPERATION = {"model": "chat", "tool": ""}
-_EMPTY_USAGE = pb.Usage()
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-def usage_pb(usage: Usage | None) -> pb.Usage:
-    if usage is None:
-        return _EMPTY_USAGE
-    return pb.Usage(
-        input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
-        total_tokens=usage.total_tokens,
-    )
 
 
 def route_status(route: Route) -> pb.UpstreamStatus:
@@ -85,16 +86,21 @@ def parse_kind(request_kind: int, upstream: Upstream) -> None:
     )
 
 
-class SidecarService(pb_grpc.SidecarServicer):  # type: ignore[misc]
-    """Implements tether.v1.Sidecar over a set of upstream adapters and their policies."""
+class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc]
+    """Implements tether.v1.Sidecar over upstream adapters, their policies and the journal."""
 
     def __init__(
-        self, config: Config, upstreams: dict[str, Upstream], clock: Clock = SYSTEM_CLOCK
+        self,
+        config: Config,
+        upstreams: dict[str, Upstream],
+        clock: Clock = SYSTEM_CLOCK,
+        recorder: Recorder | None = None,
     ) -> None:
         self.config = config
         self.pipeline = Pipeline(config, upstreams, clock)
         self.routes = self.pipeline.routes
-        self.guarded = GuardedCalls(self.pipeline)
+        self.recorder = recorder
+        self.guarded = GuardedCalls(self.pipeline, recorder)
         self.max_payload_bytes = config.limits.max_payload_bytes
         self.config_version = config.version()
         self.started = time.monotonic()
@@ -141,13 +147,41 @@ class SidecarService(pb_grpc.SidecarServicer):  # type: ignore[misc]
             log.exception("internal error while serving a call")
         await abort(context, exc)
 
+    def _ident(self, request: pb.CallRequest, route: Route, operation: str, stream: bool) -> Ident:
+        digest = request_hash(route.name, operation, stream, request.payload)
+        return Ident(request.run_id, request.idempotency_key, route.name, operation, stream, digest)
+
+    def _journaled(self, request: pb.CallRequest | pb.BeginCallRequest) -> bool:
+        return self.recorder is not None and bool(request.run_id and request.idempotency_key)
+
     async def Call(self, request: pb.CallRequest, context: Context) -> pb.CallResponse:
         try:
             route, call = self._prepare(request)
             deadline = self.pipeline.deadline(context.time_remaining())
+            if self._journaled(request):
+                return await self._journaled_call(request, route, call, deadline)
             result = await self.pipeline.call(route, call, deadline)
         except Exception as exc:
             await self._fail(context, exc)
+        return self._response(request, result)
+
+    async def _journaled_call(
+        self, request: pb.CallRequest, route: Route, call: UpstreamRequest, deadline: Any
+    ) -> pb.CallResponse:
+        assert self.recorder is not None
+        ident = self._ident(request, route, call.operation, stream=False)
+        claim = await self.recorder.claim(ident, idempotent=route.idempotent)
+        if claim.entry is not None:
+            return replayed_response(claim.entry, request.idempotency_key)
+        try:
+            result = await self.pipeline.call(route, call, deadline, claim.trace)
+        except BaseException as exc:
+            await asyncio.shield(claim.fail(exc))
+            raise
+        await claim.settle(completion_of(result))  # durable before the answer leaves
+        return self._response(request, result)
+
+    def _response(self, request: pb.CallRequest, result: CallResult) -> pb.CallResponse:
         answer = result.response
         return pb.CallResponse(
             payload=answer.payload,
@@ -163,6 +197,7 @@ class SidecarService(pb_grpc.SidecarServicer):  # type: ignore[misc]
     ) -> AsyncIterator[pb.StreamChunk]:
         info = StreamInfo()
         index = 0
+        claim: Claim | None = None
         try:
             route, call = self._prepare(request)
             if not route.upstream.supports_stream:
@@ -170,12 +205,29 @@ class SidecarService(pb_grpc.SidecarServicer):  # type: ignore[misc]
                     f"upstream {route.name!r} does not stream; use Call", field="upstream"
                 )
             deadline = self.pipeline.deadline(context.time_remaining())
+            if self._journaled(request):
+                assert self.recorder is not None
+                ident = self._ident(request, route, call.operation, stream=True)
+                claim = await self.recorder.claim(ident, idempotent=route.idempotent)
+            if claim is not None and claim.entry is not None:
+                async for message in self._replay_stream(claim):
+                    yield message
+                return
+            kept: list[bytes] | None = [] if claim is not None else None
             # aclosing: a cancelled caller releases the permits now, not when GC gets to it
             async with aclosing(self.pipeline.stream(route, call, deadline, info)) as chunks:
                 async for chunk in chunks:
                     yield pb.StreamChunk(data=chunk.data, index=index)
                     index += 1
-        except Exception as exc:
+                    if kept is not None:
+                        kept.append(chunk.data)
+            if claim is not None and kept is not None:
+                await claim.settle(self._stream_completion(info, kept))
+        except BaseException as exc:
+            if claim is not None and claim.entry is None:
+                await asyncio.shield(claim.fail(exc))
+            if not isinstance(exc, Exception):
+                raise
             await self._fail(context, exc)
         yield pb.StreamChunk(
             final=True,
@@ -186,6 +238,31 @@ class SidecarService(pb_grpc.SidecarServicer):  # type: ignore[misc]
             upstream=info.upstream,
         )
 
+    def _stream_completion(self, info: StreamInfo, kept: list[bytes]) -> Completion:
+        usage = info.usage
+        return Completion(
+            State.DONE,
+            answered_by=info.upstream,
+            upstream_status=200,
+            attempts=info.attempts,
+            input_tokens=usage.input_tokens if usage else 0,
+            output_tokens=usage.output_tokens if usage else 0,
+            payload=frame(kept),
+        )
+
+    async def _replay_stream(self, claim: Claim) -> AsyncIterator[pb.StreamChunk]:
+        entry = claim.entry
+        assert entry is not None
+        index = 0
+        for data in unframe(entry.payload or b""):
+            yield pb.StreamChunk(data=data, index=index, replayed=True)
+            index += 1
+        yield pb.StreamChunk(
+            final=True, index=index, replayed=True, attempts=0,
+            usage=usage_pb(entry_usage(entry)), upstream_status=entry.upstream_status,
+            upstream=entry.answered_by or entry.upstream,
+        )  # fmt: skip
+
     async def BeginCall(
         self, request: pb.BeginCallRequest, context: Context
     ) -> pb.BeginCallResponse:
@@ -194,14 +271,13 @@ class SidecarService(pb_grpc.SidecarServicer):  # type: ignore[misc]
             parse_kind(request.kind, route.upstream)
             self._check_size(request.payload)
             deadline = self.pipeline.deadline(context.time_remaining())
-            call_id = await self.guarded.begin(route, request, deadline)
+            return await self.guarded.begin(route, request, deadline)
         except Exception as exc:
             await self._fail(context, exc)
-        return pb.BeginCallResponse(call_id=call_id, idempotency_key=request.idempotency_key)
 
     async def EndCall(self, request: pb.EndCallRequest, context: Context) -> pb.EndCallResponse:
         try:
-            self.guarded.end(request)
+            await self.guarded.end(request)
         except Exception as exc:
             await self._fail(context, exc)
         return pb.EndCallResponse()
@@ -218,18 +294,57 @@ class SidecarService(pb_grpc.SidecarServicer):  # type: ignore[misc]
             uptime_s=time.monotonic() - self.started,
             upstreams=[route_status(route) for route in self.routes.values()],
             in_flight=self.in_flight,
+            journal=self._journal_status(),
         )
 
-    async def _not_yet(self, context: Context, what: str) -> NoReturn:
-        await abort(
-            context, errors.NotSupportedError(f"{what} needs the journal, which this build lacks")
+    def _journal_status(self) -> pb.JournalStatus:
+        recorder = self.recorder
+        if recorder is None:
+            return pb.JournalStatus(enabled=False, backend="none")
+        store = recorder.store
+        return pb.JournalStatus(
+            enabled=True,
+            backend=self.config.journal.backend,
+            replays=recorder.replays,
+            in_doubt=recorder.in_doubt,
+            too_large=recorder.too_large,
+            joined=recorder.joined,
+            commits=getattr(store, "commits", 0),
+            writes=getattr(store, "ops", 0),
         )
 
-    async def SaveCheckpoint(self, request: Any, context: Context) -> Any:
-        await self._not_yet(context, "SaveCheckpoint")
+    async def SaveCheckpoint(
+        self, request: pb.SaveCheckpointRequest, context: Context
+    ) -> pb.SaveCheckpointResponse:
+        try:
+            return await self._save(request)
+        except Exception as exc:
+            await self._fail(context, exc)
 
-    async def LoadCheckpoint(self, request: Any, context: Context) -> Any:
-        await self._not_yet(context, "LoadCheckpoint")
+    async def LoadCheckpoint(
+        self, request: pb.LoadCheckpointRequest, context: Context
+    ) -> pb.LoadCheckpointResponse:
+        try:
+            return await self._load(request)
+        except Exception as exc:
+            await self._fail(context, exc)
 
-    async def ListRuns(self, request: Any, context: Context) -> Any:
-        await self._not_yet(context, "ListRuns")
+    async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
+        try:
+            return await self._list(request)
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
+        try:
+            return await self._get_run(request)
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def ResolveCall(
+        self, request: pb.ResolveCallRequest, context: Context
+    ) -> pb.ResolveCallResponse:
+        try:
+            return await self._resolve(request)
+        except Exception as exc:
+            await self._fail(context, exc)

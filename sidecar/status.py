@@ -12,6 +12,7 @@ and its HTTP status), a `google.rpc.RetryInfo` when waiting would help, and a
 | UnknownUpstreamError           | NOT_FOUND           | UNKNOWN_UPSTREAM       |
 | PayloadTooLargeError           | RESOURCE_EXHAUSTED  | PAYLOAD_TOO_LARGE      |
 | UnauthenticatedError           | UNAUTHENTICATED     | UNAUTHENTICATED        |
+| NotFoundError                  | NOT_FOUND           | NOT_FOUND              |
 | DrainingError                  | UNAVAILABLE         | DRAINING               |
 | NotSupportedError         | UNIMPLEMENTED       | NOT_IMPLEMENTED        |
 | CircuitOpenError               | UNAVAILABLE         | CIRCUIT_OPEN           |
@@ -24,6 +25,8 @@ and its HTTP status), a `google.rpc.RetryInfo` when waiting would help, and a
 | UpstreamClientError            | by HTTP status, below | UPSTREAM_CLIENT_ERROR |
 | NonDeterministicReplayError    | FAILED_PRECONDITION | NON_DETERMINISTIC_REPLAY |
 | OutcomeUnknownError            | ABORTED             | OUTCOME_UNKNOWN        |
+| JournalUnavailableError        | UNAVAILABLE         | JOURNAL_UNAVAILABLE    |
+| JournaledError                 | the original's code | the original's reason  |
 | any other exception            | INTERNAL            | INTERNAL               |
 
 An upstream 4xx keeps its HTTP status in ErrorInfo.metadata["http_status"]; its gRPC code is
@@ -50,6 +53,7 @@ TABLE: Final[dict[type[errors.SidecarError], tuple[grpc.StatusCode, str]]] = {
     errors.UnknownUpstreamError: (grpc.StatusCode.NOT_FOUND, "UNKNOWN_UPSTREAM"),
     errors.PayloadTooLargeError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "PAYLOAD_TOO_LARGE"),
     errors.UnauthenticatedError: (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
+    errors.NotFoundError: (grpc.StatusCode.NOT_FOUND, "NOT_FOUND"),
     errors.DrainingError: (grpc.StatusCode.UNAVAILABLE, "DRAINING"),
     errors.NotSupportedError: (grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED"),
     errors.CircuitOpenError: (grpc.StatusCode.UNAVAILABLE, "CIRCUIT_OPEN"),
@@ -68,6 +72,7 @@ TABLE: Final[dict[type[errors.SidecarError], tuple[grpc.StatusCode, str]]] = {
         "NON_DETERMINISTIC_REPLAY",
     ),
     errors.OutcomeUnknownError: (grpc.StatusCode.ABORTED, "OUTCOME_UNKNOWN"),
+    errors.JournalUnavailableError: (grpc.StatusCode.UNAVAILABLE, "JOURNAL_UNAVAILABLE"),
 }
 
 INTERNAL: Final = (grpc.StatusCode.INTERNAL, "INTERNAL")
@@ -89,6 +94,8 @@ def classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC code and ErrorInfo reason for an exception (INTERNAL when not ours)."""
     if not isinstance(exc, errors.SidecarError):
         return INTERNAL
+    if isinstance(exc, errors.JournaledError):
+        return getattr(grpc.StatusCode, exc.code_name, grpc.StatusCode.UNKNOWN), exc.reason
     for cls in type(exc).__mro__:
         entry = TABLE.get(cls)
         if entry is not None:

@@ -218,12 +218,15 @@ def test_stream_to_non_streaming_upstream_is_invalid(address: str) -> None:
         list(client.stream_model("search", {"q": 1}))
 
 
-def test_journal_rpcs_are_unimplemented(address: str) -> None:
-    """RPCs of features not built yet answer UNIMPLEMENTED, typed as NotSupportedError."""
+def test_journal_rpcs_without_journal_are_unimplemented(
+    make_sidecar: SidecarFactory, upstream: UpstreamApp
+) -> None:
+    """With `journal.backend: none`, checkpoint RPCs answer UNIMPLEMENTED (NotSupportedError)."""
     from tether.v1 import sidecar_pb2 as pb
     from tether.v1 import sidecar_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    server = make_sidecar(standard_upstreams(upstream.url), journal={"backend": "none"})
+    with grpc.insecure_channel(server.addresses[0]) as channel:
         stub = pb_grpc.SidecarStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             stub.SaveCheckpoint(pb.SaveCheckpointRequest(run_id="r"))

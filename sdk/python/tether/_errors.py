@@ -6,6 +6,7 @@ The tree (the mirror of `sidecar/status.py`, matched by the ErrorInfo `reason`):
     ├── InvalidRequestError            INVALID_ARGUMENT     INVALID_REQUEST
     ├── UnknownUpstreamError           NOT_FOUND            UNKNOWN_UPSTREAM
     ├── PayloadTooLargeError           RESOURCE_EXHAUSTED   PAYLOAD_TOO_LARGE
+    ├── NotFoundError                  NOT_FOUND            NOT_FOUND (run, call, checkpoint)
     ├── UnauthenticatedError           UNAUTHENTICATED      UNAUTHENTICATED
     ├── SidecarUnavailableError        UNAVAILABLE          (sidecar not reachable)
     │   └── DrainingError              UNAVAILABLE          DRAINING
@@ -24,11 +25,13 @@ The tree (the mirror of `sidecar/status.py`, matched by the ErrorInfo `reason`):
     │   └── UpstreamClientError        by HTTP status       UPSTREAM_CLIENT_ERROR
     ├── JournalError
     │   ├── NonDeterministicReplayError FAILED_PRECONDITION NON_DETERMINISTIC_REPLAY
-    │   └── OutcomeUnknownError        ABORTED              OUTCOME_UNKNOWN
+    │   ├── OutcomeUnknownError        ABORTED              OUTCOME_UNKNOWN
+    │   └── JournalUnavailableError    UNAVAILABLE          JOURNAL_UNAVAILABLE
     └── InternalError                  INTERNAL, or any status not listed here
 
 Every error keeps the gRPC `code`, the `reason`, the ErrorInfo `metadata`, and
-`retry_after_s` when the sidecar sent a RetryInfo. `UpstreamTimeoutError` is also a
+`retry_after_s` when the sidecar sent a RetryInfo. An error replayed from the journal is the
+same class as the original, with `metadata["replayed"] == "true"`. `UpstreamTimeoutError` is also a
 `DeadlineExceededError`, so one `except` catches every timeout.
 """
 
@@ -86,6 +89,10 @@ class UnknownUpstreamError(TetherError):
 
 class PayloadTooLargeError(TetherError):
     """The payload is over the sidecar's `limits.max_payload_bytes`."""
+
+
+class NotFoundError(TetherError):
+    """No such run, call or checkpoint in the sidecar's journal."""
 
 
 class UnauthenticatedError(TetherError):
@@ -168,6 +175,10 @@ class OutcomeUnknownError(JournalError):
     """The call was started before a crash and may or may not have happened."""
 
 
+class JournalUnavailableError(JournalError):
+    """The sidecar's journal cannot be written; the call was refused, not run unjournaled."""
+
+
 class InternalError(TetherError):
     """The sidecar failed in a way it did not expect (a bug: please report it)."""
 
@@ -178,6 +189,7 @@ BY_REASON: Final[dict[str, type[TetherError]]] = {
     "UNKNOWN_UPSTREAM": UnknownUpstreamError,
     "PAYLOAD_TOO_LARGE": PayloadTooLargeError,
     "UNAUTHENTICATED": UnauthenticatedError,
+    "NOT_FOUND": NotFoundError,
     "DRAINING": DrainingError,
     "NOT_IMPLEMENTED": NotSupportedError,
     "CIRCUIT_OPEN": CircuitOpenError,
@@ -190,6 +202,7 @@ BY_REASON: Final[dict[str, type[TetherError]]] = {
     "UPSTREAM_CLIENT_ERROR": UpstreamClientError,
     "NON_DETERMINISTIC_REPLAY": NonDeterministicReplayError,
     "OUTCOME_UNKNOWN": OutcomeUnknownError,
+    "JOURNAL_UNAVAILABLE": JournalUnavailableError,
     "INTERNAL": InternalError,
 }
 

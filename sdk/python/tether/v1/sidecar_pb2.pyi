@@ -247,6 +247,78 @@ class ListRunsResponse(_message.Message):
     next_page_token: str
     def __init__(self, runs: _Optional[_Iterable[_Union[RunInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class GetRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class JournalEntry(_message.Message):
+    __slots__ = ("idempotency_key", "seq", "upstream", "operation", "state", "request_hash", "answered_by", "upstream_status", "attempts", "latency_ms", "replays", "started_at", "error_reason", "error_message", "retryable", "too_large", "stream", "in_flight")
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_HASH_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_BY_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_STATUS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRYABLE_FIELD_NUMBER: _ClassVar[int]
+    TOO_LARGE_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    idempotency_key: str
+    seq: int
+    upstream: str
+    operation: str
+    state: str
+    request_hash: str
+    answered_by: str
+    upstream_status: int
+    attempts: int
+    latency_ms: float
+    replays: int
+    started_at: _timestamp_pb2.Timestamp
+    error_reason: str
+    error_message: str
+    retryable: bool
+    too_large: bool
+    stream: bool
+    in_flight: bool
+    def __init__(self, idempotency_key: _Optional[str] = ..., seq: _Optional[int] = ..., upstream: _Optional[str] = ..., operation: _Optional[str] = ..., state: _Optional[str] = ..., request_hash: _Optional[str] = ..., answered_by: _Optional[str] = ..., upstream_status: _Optional[int] = ..., attempts: _Optional[int] = ..., latency_ms: _Optional[float] = ..., replays: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error_reason: _Optional[str] = ..., error_message: _Optional[str] = ..., retryable: _Optional[bool] = ..., too_large: _Optional[bool] = ..., stream: _Optional[bool] = ..., in_flight: _Optional[bool] = ...) -> None: ...
+
+class GetRunResponse(_message.Message):
+    __slots__ = ("run", "entries")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    run: RunInfo
+    entries: _containers.RepeatedCompositeFieldContainer[JournalEntry]
+    def __init__(self, run: _Optional[_Union[RunInfo, _Mapping]] = ..., entries: _Optional[_Iterable[_Union[JournalEntry, _Mapping]]] = ...) -> None: ...
+
+class ResolveCallRequest(_message.Message):
+    __slots__ = ("run_id", "idempotency_key", "result", "retry")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    idempotency_key: str
+    result: bytes
+    retry: bool
+    def __init__(self, run_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., result: _Optional[bytes] = ..., retry: _Optional[bool] = ...) -> None: ...
+
+class ResolveCallResponse(_message.Message):
+    __slots__ = ("entry",)
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    entry: JournalEntry
+    def __init__(self, entry: _Optional[_Union[JournalEntry, _Mapping]] = ...) -> None: ...
+
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -289,17 +361,39 @@ class UpstreamStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[CallKind, str]] = ..., type: _Optional[str] = ..., breaker_state: _Optional[str] = ..., in_flight: _Optional[int] = ..., calls: _Optional[int] = ..., errors: _Optional[int] = ..., hits: _Optional[int] = ..., gauges: _Optional[_Mapping[str, float]] = ..., queued: _Optional[int] = ..., retries: _Optional[int] = ..., fallbacks: _Optional[int] = ..., rejected: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("version", "config_version", "serving", "uptime_s", "upstreams", "in_flight")
+    __slots__ = ("version", "config_version", "serving", "uptime_s", "upstreams", "in_flight", "journal")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CONFIG_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     UPSTREAMS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    JOURNAL_FIELD_NUMBER: _ClassVar[int]
     version: str
     config_version: str
     serving: bool
     uptime_s: float
     upstreams: _containers.RepeatedCompositeFieldContainer[UpstreamStatus]
     in_flight: int
-    def __init__(self, version: _Optional[str] = ..., config_version: _Optional[str] = ..., serving: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., upstreams: _Optional[_Iterable[_Union[UpstreamStatus, _Mapping]]] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    journal: JournalStatus
+    def __init__(self, version: _Optional[str] = ..., config_version: _Optional[str] = ..., serving: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., upstreams: _Optional[_Iterable[_Union[UpstreamStatus, _Mapping]]] = ..., in_flight: _Optional[int] = ..., journal: _Optional[_Union[JournalStatus, _Mapping]] = ...) -> None: ...
+
+class JournalStatus(_message.Message):
+    __slots__ = ("enabled", "backend", "replays", "in_doubt", "too_large", "joined", "commits", "writes")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    REPLAYS_FIELD_NUMBER: _ClassVar[int]
+    IN_DOUBT_FIELD_NUMBER: _ClassVar[int]
+    TOO_LARGE_FIELD_NUMBER: _ClassVar[int]
+    JOINED_FIELD_NUMBER: _ClassVar[int]
+    COMMITS_FIELD_NUMBER: _ClassVar[int]
+    WRITES_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    backend: str
+    replays: int
+    in_doubt: int
+    too_large: int
+    joined: int
+    commits: int
+    writes: int
+    def __init__(self, enabled: _Optional[bool] = ..., backend: _Optional[str] = ..., replays: _Optional[int] = ..., in_doubt: _Optional[int] = ..., too_large: _Optional[int] = ..., joined: _Optional[int] = ..., commits: _Optional[int] = ..., writes: _Optional[int] = ...) -> None: ...

@@ -71,6 +71,16 @@ class SidecarStub:
                 request_serializer=tether_dot_v1_dot_sidecar__pb2.ListRunsRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_sidecar__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
+        self.GetRun = channel.unary_unary(
+                '/tether.v1.Sidecar/GetRun',
+                request_serializer=tether_dot_v1_dot_sidecar__pb2.GetRunRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_sidecar__pb2.GetRunResponse.FromString,
+                _registered_method=True)
+        self.ResolveCall = channel.unary_unary(
+                '/tether.v1.Sidecar/ResolveCall',
+                request_serializer=tether_dot_v1_dot_sidecar__pb2.ResolveCallRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_sidecar__pb2.ResolveCallResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/tether.v1.Sidecar/GetStatus',
                 request_serializer=tether_dot_v1_dot_sidecar__pb2.GetStatusRequest.SerializeToString,
@@ -130,6 +140,20 @@ class SidecarServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRun(self, request, context):
+        """One run's journal: its calls in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveCall(self, request, context):
+        """Settle an in-doubt call: record its result, or let it run again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """Breaker states, limiter levels, in-flight counts, config version.
         """
@@ -174,6 +198,16 @@ def add_SidecarServicer_to_server(servicer, server):
                     servicer.ListRuns,
                     request_deserializer=tether_dot_v1_dot_sidecar__pb2.ListRunsRequest.FromString,
                     response_serializer=tether_dot_v1_dot_sidecar__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'GetRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRun,
+                    request_deserializer=tether_dot_v1_dot_sidecar__pb2.GetRunRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_sidecar__pb2.GetRunResponse.SerializeToString,
+            ),
+            'ResolveCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveCall,
+                    request_deserializer=tether_dot_v1_dot_sidecar__pb2.ResolveCallRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_sidecar__pb2.ResolveCallResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -372,6 +406,60 @@ class Sidecar:
             '/tether.v1.Sidecar/ListRuns',
             tether_dot_v1_dot_sidecar__pb2.ListRunsRequest.SerializeToString,
             tether_dot_v1_dot_sidecar__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.Sidecar/GetRun',
+            tether_dot_v1_dot_sidecar__pb2.GetRunRequest.SerializeToString,
+            tether_dot_v1_dot_sidecar__pb2.GetRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.Sidecar/ResolveCall',
+            tether_dot_v1_dot_sidecar__pb2.ResolveCallRequest.SerializeToString,
+            tether_dot_v1_dot_sidecar__pb2.ResolveCallResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,152 @@
+"""What the journal stores, and the small protocol every storage backend implements.
+
+The semantics (hashing, replay decisions, single flight, in-doubt entries) live in
+`sidecar.journal.recorder`; a backend only stores and finds rows, atomically. Every write a
+caller awaits is durable when the await returns (committed at the configured `synchronous`
+level), except `begin(..., durable=False)`, used for idempotent upstreams whose re-execution
+after a crash is harmless.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class State(enum.StrEnum):
+    STARTED = "started"  # begun; in flight, or in doubt if its process died
+    DONE = "done"  # completed with an answer
+    FAILED = "failed"  # completed with an error
+
+
+@dataclass(slots=True)
+class StoredError:
+    """An error as journaled: enough to raise the same status again on replay."""
+
+    code: str  # grpc.StatusCode name
+    reason: str
+    message: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    retryable: bool = False
+
+
+@dataclass(slots=True)
+class Entry:
+    """One journaled call, identified by (run_id, key)."""
+
+    run_id: str
+    key: str
+    request_hash: str
+    upstream: str
+    operation: str
+    stream: bool
+    state: State
+    seq: int = 0
+    started_at: float = 0.0
+    completed_at: float | None = None
+    answered_by: str = ""
+    upstream_status: int = 0
+    attempts: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    payload: bytes | None = None
+    too_large: bool = False
+    error: StoredError | None = None
+    replays: int = 0
+
+    @property
+    def latency_ms(self) -> float:
+        if self.completed_at is None:
+            return 0.0
+        return (self.completed_at - self.started_at) * 1000
+
+
+@dataclass(slots=True)
+class Completion:
+    """How a call ended, to be written into its entry."""
+
+    state: State
+    answered_by: str = ""
+    upstream_status: int = 0
+    attempts: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    payload: bytes | None = None
+    too_large: bool = False
+    error: StoredError | None = None
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    run_id: str
+    step: int
+    state: bytes
+    metadata: dict[str, str]
+    saved_at: float
+
+
+@dataclass(slots=True)
+class RunSummary:
+    run_id: str
+    created_at: float
+    updated_at: float
+    calls: int
+    latest_step: int
+    started: int  # entries begun and not completed: in flight now, or in doubt
+
+
+@dataclass(slots=True)
+class Retention:
+    """Counts removed by one retention pass."""
+
+    entries: int = 0
+    checkpoints: int = 0
+    runs: int = 0
+
+
+class JournalStore(Protocol):
+    """Storage for the journal and checkpoints. All methods are safe to await concurrently."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def begin(self, entry: Entry, *, durable: bool) -> Entry | None:
+        """Insert `entry` as STARTED unless (run_id, key) exists; returns the existing entry,
+        or None when this call inserted it (the caller owns the execution)."""
+        ...
+
+    async def restart(self, entry: Entry, *, durable: bool) -> None:
+        """Turn an existing entry back into STARTED for a new execution (retry, re-run)."""
+        ...
+
+    async def complete(self, run_id: str, key: str, completion: Completion) -> None: ...
+
+    async def forget(self, run_id: str, key: str) -> None:
+        """Remove a STARTED entry whose call never reached the upstream."""
+        ...
+
+    async def delete(self, run_id: str, key: str) -> None:
+        """Remove an entry whatever its state (an operator's retry)."""
+        ...
+
+    async def count_replay(self, run_id: str, key: str) -> None: ...
+
+    async def get(self, run_id: str, key: str) -> Entry | None: ...
+
+    async def entries(self, run_id: str) -> list[Entry]: ...
+
+    async def save_checkpoint(self, checkpoint: Checkpoint) -> None: ...
+
+    async def load_checkpoint(self, run_id: str, step: int | None) -> Checkpoint | None: ...
+
+    async def runs(self, limit: int, after: str) -> list[RunSummary]:
+        """Runs ordered by run_id, starting after `after`."""
+        ...
+
+    async def run(self, run_id: str) -> RunSummary | None: ...
+
+    async def expire(self, now: float) -> Retention:
+        """Apply the retention rules once."""
+        ...

@@ -1,0 +1,275 @@
+"""Journal semantics: replay, single flight, in-doubt entries; storage-agnostic.
+
+A call with a `run_id` and an idempotency key is *claimed* before it runs:
+
+- a completed entry with the same request hash is a **replay**: its answer (or its permanent
+  error) is returned byte for byte, without the upstream or any policy;
+- the same key with another request hash is a **non-deterministic replay** (FAILED_PRECONDITION);
+- a call with the same key already running in this sidecar is **joined**: it runs once, and
+  the others get its outcome;
+- an entry begun but never completed by a process that died is **in doubt**: re-executed for
+  idempotent upstreams, refused with OUTCOME_UNKNOWN for the others until an operator
+  resolves it (`tether runs resolve`);
+- otherwise this call **executes**, and its outcome is written before it is acknowledged.
+
+For a non-idempotent upstream the STARTED mark is durable before the upstream is called, so
+a crash can never make the sidecar execute it twice; a failure that may have reached the
+upstream (timeout, reset, cancellation mid-call) leaves it in doubt rather than retryable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sidecar import errors, status
+from sidecar.config import JournalConfig
+from sidecar.journal.base import Completion, Entry, JournalStore, State, StoredError
+from sidecar.pipeline import CallTrace
+from sidecar.policies.base import Verdict, verdict_of
+from sidecar.upstreams.base import Usage
+
+Key = tuple[str, str]
+T = TypeVar("T")
+
+
+def request_hash(upstream: str, operation: str, stream: bool, payload: bytes) -> str:
+    """The identity of a request: upstream, operation, unary or stream, payload."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{upstream}\0{operation}\0{int(stream)}\0".encode())
+    digest.update(payload)
+    return digest.hexdigest()
+
+
+@dataclass(slots=True)
+class Ident:
+    """Who a call is in the journal."""
+
+    run_id: str
+    key: str
+    upstream: str
+    operation: str
+    stream: bool
+    request_hash: str
+
+    @property
+    def id(self) -> Key:
+        return (self.run_id, self.key)
+
+
+@dataclass(slots=True)
+class Claim:
+    """What to do with a journaled call: replay `entry`, or execute (then settle)."""
+
+    recorder: Recorder
+    ident: Ident
+    idempotent: bool
+    entry: Entry | None = None  # set: answer from this entry
+    trace: CallTrace = field(default_factory=CallTrace)
+
+    @property
+    def replay(self) -> bool:
+        return self.entry is not None
+
+    async def settle(self, completion: Completion) -> None:
+        await self.recorder._settle(self, completion)
+
+    async def fail(self, exc: BaseException) -> None:
+        await self.recorder._fail(self, exc)
+
+    async def abandon(self) -> None:
+        """The caller vanished mid-call: forgotten if running it again is harmless (an
+        idempotent upstream, or no attempt reached it), else left in doubt."""
+        try:
+            if self.idempotent or self.trace.attempts == 0:
+                await self.recorder._io(
+                    self.recorder.store.forget(self.ident.run_id, self.ident.key)
+                )
+        finally:
+            self.recorder._release(self.ident, exc=None)
+
+
+def stored_error(exc: BaseException, retryable: bool) -> StoredError:
+    code, message, _details = status.to_rich_status(exc)
+    reason = status.classify(exc)[1]
+    metadata = exc.metadata() if isinstance(exc, errors.SidecarError) else {}
+    return StoredError(code.name, reason, message, metadata, retryable)
+
+
+def may_have_executed(exc: BaseException, trace: CallTrace) -> bool:
+    """Whether a failed call may still have had its effect at the upstream."""
+    if trace.attempts == 0 or isinstance(exc, errors.PolicyError):
+        return False
+    # An upstream that answered with an error status said what happened.
+    return not (isinstance(exc, errors.UpstreamError) and exc.http_status)
+
+
+class Recorder:
+    """Claims, replays and settles journaled calls over a `JournalStore`."""
+
+    def __init__(self, store: JournalStore, config: JournalConfig) -> None:
+        self.store = store
+        self.config = config
+        self.replays = 0
+        self.in_doubt = 0
+        self.too_large = 0
+        self.joined = 0
+        self._running: dict[Key, asyncio.Future[Entry]] = {}
+
+    def running_keys(self, run_id: str) -> set[str]:
+        """Keys of `run_id` executing in this process now."""
+        return {key for run, key in self._running if run == run_id}
+
+    async def claim(self, ident: Ident, *, idempotent: bool) -> Claim:
+        """Decide between replay and execution (raising for in-doubt and mismatched keys)."""
+        running = self._running.get(ident.id)
+        if running is not None:
+            self.joined += 1
+            return self._replayed(ident, await asyncio.shield(running), idempotent)
+        future: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
+        self._running[ident.id] = future
+        try:
+            claim = await self._claim_stored(ident, idempotent)
+        except BaseException as exc:
+            self._release(ident, exc=exc)
+            raise
+        if claim.entry is not None:
+            self._release(ident, entry=claim.entry)
+        return claim
+
+    async def _claim_stored(self, ident: Ident, idempotent: bool) -> Claim:
+        now = time.time()
+        fresh = Entry(ident.run_id, ident.key, ident.request_hash, ident.upstream,
+                      ident.operation, ident.stream, State.STARTED, started_at=now)  # fmt: skip
+        existing = await self._io(self.store.begin(fresh, durable=not idempotent))
+        if existing is None:
+            return Claim(self, ident, idempotent)
+        if existing.request_hash != ident.request_hash:
+            raise errors.NonDeterministicReplayError(
+                f"non-deterministic replay: key {ident.key!r} of run {ident.run_id!r} was "
+                f"journaled with request {existing.request_hash}, this call is "
+                f"{ident.request_hash} (upstream, operation or payload changed)"
+            )
+        if self._reexecute(existing, idempotent):
+            await self._io(self.store.restart(fresh, durable=not idempotent))
+            return Claim(self, ident, idempotent)
+        return self._replayed(ident, existing, idempotent, count=True)
+
+    def _reexecute(self, entry: Entry, idempotent: bool) -> bool:
+        """Whether a stored entry is run again instead of answered (or refused)."""
+        if entry.state is State.FAILED:
+            return entry.error is not None and entry.error.retryable
+        if entry.state is State.DONE:
+            if not entry.too_large:
+                return False
+            if idempotent:
+                return True
+            raise self._outcome_unknown(entry, "completed, but its answer was too large to keep")
+        if idempotent:
+            return True  # begun by a process that died: harmless to run again
+        self.in_doubt += 1
+        raise self._outcome_unknown(entry, "begun but never completed (the process died)")
+
+    def _outcome_unknown(self, entry: Entry, why: str) -> errors.OutcomeUnknownError:
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.started_at))
+        return errors.OutcomeUnknownError(
+            f"outcome unknown: call {entry.key!r} of run {entry.run_id!r} to upstream "
+            f"{entry.upstream!r} was {why}; started {started}. Resolve it with "
+            f"`tether runs resolve {entry.run_id} {entry.key} --result FILE | --retry`",
+            run_id=entry.run_id,
+            key=entry.key,
+            upstream=entry.upstream,
+        )
+
+    def _replayed(self, ident: Ident, entry: Entry, idempotent: bool, count: bool = False) -> Claim:
+        if entry.request_hash != ident.request_hash:
+            raise errors.NonDeterministicReplayError(
+                f"non-deterministic replay: key {ident.key!r} is running with request "
+                f"{entry.request_hash}, this call is {ident.request_hash}"
+            )
+        if entry.state is State.FAILED and entry.error is not None:
+            self.replays += count
+            error = entry.error
+            raise errors.JournaledError(
+                error.message, code=error.code, reason=error.reason, metadata=error.metadata
+            )
+        self.replays += count
+        if count:
+            self._count_later(entry)
+        return Claim(self, ident, idempotent, entry=entry)
+
+    async def _io(self, awaitable: Awaitable[T]) -> T:
+        """A store operation; its failures become JournalUnavailableError (fail closed)."""
+        try:
+            return await awaitable
+        except errors.SidecarError:
+            raise
+        except Exception as exc:
+            raise errors.JournalUnavailableError(f"the journal failed: {exc}") from exc
+
+    def _count_later(self, entry: Entry) -> None:
+        task = asyncio.ensure_future(self.store.count_replay(entry.run_id, entry.key))
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    def _release(self, ident: Ident, *, entry: Entry | None = None, exc: Any = None) -> None:
+        future = self._running.pop(ident.id, None)
+        if future is None or future.done():
+            return
+        if entry is not None:
+            future.set_result(entry)
+        else:
+            future.set_exception(exc if isinstance(exc, Exception) else errors.OutcomeUnknownError(
+                f"the call holding key {ident.key!r} was cancelled", run_id=ident.run_id,
+                key=ident.key, upstream=ident.upstream))  # fmt: skip
+            future.exception()  # retrieved: nobody may be waiting
+
+    async def _settle(self, claim: Claim, completion: Completion) -> None:
+        ident = claim.ident
+        if completion.payload is not None and len(completion.payload) > self.config.max_entry_bytes:
+            completion.payload, completion.too_large = None, True
+            self.too_large += 1
+        try:
+            await self._io(self.store.complete(ident.run_id, ident.key, completion))
+        except BaseException as exc:
+            self._release(ident, exc=exc)
+            raise
+        c = completion
+        entry = Entry(ident.run_id, ident.key, ident.request_hash, ident.upstream,
+                      ident.operation, ident.stream, c.state, answered_by=c.answered_by,
+                      upstream_status=c.upstream_status, attempts=c.attempts,
+                      input_tokens=c.input_tokens, output_tokens=c.output_tokens,
+                      payload=c.payload, too_large=c.too_large, error=c.error)  # fmt: skip
+        self._release(ident, entry=entry)
+
+    async def _fail(self, claim: Claim, exc: BaseException) -> None:
+        """Journal a failed execution: retryable, permanent, or left in doubt."""
+        ident = claim.ident
+        if not isinstance(exc, Exception):  # cancelled
+            await claim.abandon()
+            return
+        try:
+            if not claim.idempotent and may_have_executed(exc, claim.trace):
+                return  # STARTED stays: in doubt
+            retryable = transient(exc)
+            completion = Completion(State.FAILED, attempts=claim.trace.attempts,
+                                    error=stored_error(exc, retryable))  # fmt: skip
+            await self._settle(claim, completion)
+        finally:
+            self._release(ident, exc=exc)
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a journaled failure is run again on replay (else replayed as is)."""
+    if isinstance(exc, errors.PolicyError | errors.JournalError):
+        return True
+    if isinstance(exc, errors.UpstreamTimeoutError):
+        return True
+    return verdict_of(exc) is not Verdict.SUCCESS
+
+
+def usage_of(completion: Completion) -> Usage:
+    return Usage(completion.input_tokens, completion.output_tokens)

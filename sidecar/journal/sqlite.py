@@ -1,0 +1,511 @@
+"""The journal on an embedded SQLite file: WAL mode, group commit on one writer thread.
+
+Every operation runs on a single writer thread with its own connection. The thread takes all
+the operations queued since its last commit, applies them in one `BEGIN IMMEDIATE`
+transaction and commits once, so many calls finishing together share one fsync (with
+`synchronous = FULL`, the default, a commit survives power loss; with `NORMAL` it survives a
+crash of the process but not of the machine). An operation marked not durable is answered
+as soon as it is applied, before its commit. The event loop never blocks on SQLite.
+
+Schema (version 1):
+
+    entries(run_id, key, seq, request_hash, upstream, operation, stream, state, started_at,
+            completed_at, answered_by, upstream_status, attempts, input_tokens, output_tokens,
+            payload, too_large, error (JSON), replays)   PRIMARY KEY (run_id, key)
+    checkpoints(run_id, step, state, metadata (JSON), saved_at)  PRIMARY KEY (run_id, step)
+    runs(run_id, created_at, updated_at, calls, latest_step)     PRIMARY KEY (run_id)
+    meta(key, value): schema_version
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import orjson
+
+from sidecar.config import JournalConfig
+from sidecar.journal.base import (
+    Checkpoint,
+    Completion,
+    Entry,
+    Retention,
+    RunSummary,
+    State,
+    StoredError,
+)
+
+log = logging.getLogger("tether.sidecar.journal")
+
+SCHEMA_VERSION = 1
+MAX_BATCH = 512
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    run_id TEXT NOT NULL, key TEXT NOT NULL, seq INTEGER NOT NULL,
+    request_hash TEXT NOT NULL, upstream TEXT NOT NULL, operation TEXT NOT NULL,
+    stream INTEGER NOT NULL, state TEXT NOT NULL, started_at REAL NOT NULL,
+    completed_at REAL, answered_by TEXT NOT NULL DEFAULT '',
+    upstream_status INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+    input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0,
+    payload BLOB, too_large INTEGER NOT NULL DEFAULT 0, error TEXT,
+    replays INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_by_age ON entries (started_at);
+CREATE INDEX IF NOT EXISTS entries_by_seq ON entries (run_id, seq);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    run_id TEXT NOT NULL, step INTEGER NOT NULL, state BLOB NOT NULL,
+    metadata TEXT NOT NULL, saved_at REAL NOT NULL,
+    PRIMARY KEY (run_id, step)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS checkpoints_by_age ON checkpoints (saved_at);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    calls INTEGER NOT NULL DEFAULT 0, latest_step INTEGER NOT NULL DEFAULT -1
+) WITHOUT ROWID;
+"""
+
+ENTRY_COLUMNS = (
+    "run_id, key, seq, request_hash, upstream, operation, stream, state, started_at, "
+    "completed_at, answered_by, upstream_status, attempts, input_tokens, output_tokens, "
+    "payload, too_large, error, replays"
+)
+
+
+def _error_json(error: StoredError | None) -> str | None:
+    if error is None:
+        return None
+    return orjson.dumps(
+        {
+            "code": error.code,
+            "reason": error.reason,
+            "message": error.message,
+            "metadata": error.metadata,
+            "retryable": error.retryable,
+        }
+    ).decode()
+
+
+def _error_of(text: str | None) -> StoredError | None:
+    if text is None:
+        return None
+    data = orjson.loads(text)
+    return StoredError(
+        data["code"], data["reason"], data["message"], data["metadata"], data["retryable"]
+    )
+
+
+def _entry(row: tuple[Any, ...]) -> Entry:
+    (run_id, key, seq, request_hash, upstream, operation, stream, state, started_at,
+     completed_at, answered_by, upstream_status, attempts, input_tokens, output_tokens,
+     payload, too_large, error, replays) = row  # fmt: skip
+    return Entry(
+        run_id, key, request_hash, upstream, operation, bool(stream), State(state), seq,
+        started_at, completed_at, answered_by, upstream_status, attempts, input_tokens,
+        output_tokens, payload, bool(too_large), _error_of(error), replays,
+    )  # fmt: skip
+
+
+class _Op:
+    """One queued operation: `apply` runs on the writer thread inside a transaction."""
+
+    __slots__ = ("apply", "durable", "future", "loop", "standalone")
+
+    def __init__(
+        self,
+        apply: Callable[[sqlite3.Connection], Any],
+        durable: bool,
+        future: asyncio.Future[Any],
+        loop: asyncio.AbstractEventLoop,
+        standalone: bool = False,
+    ) -> None:
+        self.apply = apply
+        self.durable = durable
+        self.future = future
+        self.loop = loop
+        self.standalone = standalone  # runs alone, outside a transaction (maintenance)
+
+
+def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    """Runs on the event loop: answer a batch of operations."""
+    for future, value, error in results:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+
+class SQLiteJournal:
+    """The journal and checkpoints in one SQLite file (see the module docstring)."""
+
+    def __init__(self, config: JournalConfig) -> None:
+        self.config = config
+        self.path = config.path
+        self.commits = 0
+        self.ops = 0
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._open_error: BaseException | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create or open the file, apply the schema, start the writer thread."""
+        self._thread = threading.Thread(target=self._run, name="tether-journal", daemon=True)
+        self._thread.start()
+        await asyncio.to_thread(self._ready.wait)
+        if self._open_error is not None:
+            raise self._open_error
+
+    async def close(self) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    def _connect(self) -> sqlite3.Connection:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.config.synchronous.upper()}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA journal_size_limit=16777216")  # the WAL shrinks back to 16 MiB
+        conn.execute("PRAGMA foreign_keys=OFF")
+        conn.executescript(SCHEMA)
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if int(version[0]) != SCHEMA_VERSION:
+            raise RuntimeError(
+                f"journal {self.path} has schema version {version[0]}; this sidecar knows "
+                f"version {SCHEMA_VERSION}"
+            )
+        return conn
+
+    def _run(self) -> None:
+        try:
+            conn = self._connect()
+        except BaseException as exc:  # reported to open()
+            self._open_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while self._serve_batch(conn):
+                pass
+        finally:
+            conn.close()
+
+    # -- the writer thread -------------------------------------------------------------
+
+    def _take_batch(self) -> tuple[list[_Op], bool]:
+        first = self._queue.get()
+        if first is None:
+            return [], False
+        ops = [first]
+        while len(ops) < MAX_BATCH:
+            try:
+                op = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if op is None:
+                return ops, False
+            ops.append(op)
+        return ops, True
+
+    def _serve_batch(self, conn: sqlite3.Connection) -> bool:
+        ops, more = self._take_batch()
+        batch = [op for op in ops if not op.standalone]
+        if batch:
+            self._apply_batch(conn, batch)
+        for op in ops:
+            if op.standalone:
+                self._apply_standalone(conn, op)
+        return more
+
+    def _apply_standalone(self, conn: sqlite3.Connection, op: _Op) -> None:
+        try:
+            outcome: tuple[asyncio.Future[Any], Any, BaseException | None] = (
+                op.future,
+                op.apply(conn),
+                None,
+            )
+        except Exception as exc:
+            outcome = (op.future, None, exc)
+        op.loop.call_soon_threadsafe(_settle, [outcome])
+
+    def _apply_batch(self, conn: sqlite3.Connection, ops: list[_Op]) -> None:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            early: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            for op in ops:
+                outcome = self._apply_one(conn, op)
+                (results if op.durable else early).append(outcome)
+            if early:
+                ops[0].loop.call_soon_threadsafe(_settle, early)
+            conn.execute("COMMIT")
+            self.commits += 1
+            self.ops += len(ops)
+        except sqlite3.Error as exc:
+            log.error("journal commit failed: %s", exc)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            results = [(op.future, None, exc) for op in ops if op.durable]
+        if results:
+            ops[0].loop.call_soon_threadsafe(_settle, results)
+
+    def _apply_one(
+        self, conn: sqlite3.Connection, op: _Op
+    ) -> tuple[asyncio.Future[Any], Any, BaseException | None]:
+        conn.execute("SAVEPOINT op")
+        try:
+            value = op.apply(conn)
+        except Exception as exc:
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            return op.future, None, exc
+        conn.execute("RELEASE op")
+        return op.future, value, None
+
+    def _submit(
+        self,
+        apply: Callable[[sqlite3.Connection], T],
+        *,
+        durable: bool = True,
+        standalone: bool = False,
+    ) -> Any:
+        if self._thread is None:
+            raise RuntimeError("the journal is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Op(apply, durable, future, loop, standalone))
+        return future
+
+    # -- calls -------------------------------------------------------------------------
+
+    async def begin(self, entry: Entry, *, durable: bool) -> Entry | None:
+        def apply(conn: sqlite3.Connection) -> Entry | None:
+            row = conn.execute(
+                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE run_id = ? AND key = ?",
+                (entry.run_id, entry.key),
+            ).fetchone()
+            if row is not None:
+                return _entry(row)
+            entry.seq = self._next_seq(conn, entry.run_id, entry.started_at)
+            conn.execute(
+                "INSERT INTO entries (run_id, key, seq, request_hash, upstream, operation, "
+                "stream, state, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (entry.run_id, entry.key, entry.seq, entry.request_hash, entry.upstream,
+                 entry.operation, int(entry.stream), State.STARTED.value, entry.started_at),
+            )  # fmt: skip
+            return None
+
+        result: Entry | None = await self._submit(apply, durable=durable)
+        return result
+
+    def _next_seq(self, conn: sqlite3.Connection, run_id: str, now: float) -> int:
+        conn.execute(
+            "INSERT INTO runs (run_id, created_at, updated_at, calls) VALUES (?, ?, ?, 1) "
+            "ON CONFLICT (run_id) DO UPDATE SET calls = calls + 1, "
+            "updated_at = excluded.updated_at",
+            (run_id, now, now),
+        )
+        row = conn.execute("SELECT calls FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return int(row[0])
+
+    async def restart(self, entry: Entry, *, durable: bool) -> None:
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE entries SET state = ?, request_hash = ?, started_at = ?, "
+                "completed_at = NULL, payload = NULL, error = NULL, too_large = 0 "
+                "WHERE run_id = ? AND key = ?",
+                (State.STARTED.value, entry.request_hash, entry.started_at, entry.run_id,
+                 entry.key),
+            )  # fmt: skip
+
+        await self._submit(apply, durable=durable)
+
+    async def complete(self, run_id: str, key: str, completion: Completion) -> None:
+        now = time.time()
+
+        def apply(conn: sqlite3.Connection) -> None:
+            c = completion
+            conn.execute(
+                "UPDATE entries SET state = ?, completed_at = ?, answered_by = ?, "
+                "upstream_status = ?, attempts = ?, input_tokens = ?, output_tokens = ?, "
+                "payload = ?, too_large = ?, error = ? WHERE run_id = ? AND key = ?",
+                (c.state.value, now, c.answered_by, c.upstream_status, c.attempts,
+                 c.input_tokens, c.output_tokens, c.payload, int(c.too_large),
+                 _error_json(c.error), run_id, key),
+            )  # fmt: skip
+            conn.execute("UPDATE runs SET updated_at = ? WHERE run_id = ?", (now, run_id))
+
+        await self._submit(apply)
+
+    async def forget(self, run_id: str, key: str) -> None:
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "DELETE FROM entries WHERE run_id = ? AND key = ? AND state = ?",
+                (run_id, key, State.STARTED.value),
+            )
+
+        await self._submit(apply, durable=False)
+
+    async def delete(self, run_id: str, key: str) -> None:
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM entries WHERE run_id = ? AND key = ?", (run_id, key))
+
+        await self._submit(apply)
+
+    async def count_replay(self, run_id: str, key: str) -> None:
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE entries SET replays = replays + 1 WHERE run_id = ? AND key = ?",
+                (run_id, key),
+            )
+
+        await self._submit(apply, durable=False)
+
+    async def get(self, run_id: str, key: str) -> Entry | None:
+        def apply(conn: sqlite3.Connection) -> Entry | None:
+            row = conn.execute(
+                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE run_id = ? AND key = ?",
+                (run_id, key),
+            ).fetchone()
+            return None if row is None else _entry(row)
+
+        result: Entry | None = await self._submit(apply, durable=False)
+        return result
+
+    async def entries(self, run_id: str) -> list[Entry]:
+        def apply(conn: sqlite3.Connection) -> list[Entry]:
+            rows = conn.execute(
+                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE run_id = ? ORDER BY seq", (run_id,)
+            ).fetchall()
+            return [_entry(row) for row in rows]
+
+        result: list[Entry] = await self._submit(apply, durable=False)
+        return result
+
+    # -- checkpoints and runs ------------------------------------------------------------
+
+    async def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        def apply(conn: sqlite3.Connection) -> None:
+            cp = checkpoint
+            conn.execute(
+                "INSERT OR REPLACE INTO checkpoints (run_id, step, state, metadata, saved_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (cp.run_id, cp.step, cp.state, orjson.dumps(cp.metadata).decode(), cp.saved_at),
+            )
+            conn.execute(
+                "INSERT INTO runs (run_id, created_at, updated_at, latest_step) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
+                "updated_at = excluded.updated_at, "
+                "latest_step = MAX(latest_step, excluded.latest_step)",
+                (cp.run_id, cp.saved_at, cp.saved_at, cp.step),
+            )
+
+        await self._submit(apply)
+
+    async def load_checkpoint(self, run_id: str, step: int | None) -> Checkpoint | None:
+        def apply(conn: sqlite3.Connection) -> Checkpoint | None:
+            query = (
+                "SELECT run_id, step, state, metadata, saved_at FROM checkpoints WHERE run_id = ?"
+            )
+            if step is None:
+                row = conn.execute(query + " ORDER BY step DESC LIMIT 1", (run_id,)).fetchone()
+            else:
+                row = conn.execute(query + " AND step = ?", (run_id, step)).fetchone()
+            if row is None:
+                return None
+            return Checkpoint(row[0], row[1], row[2], orjson.loads(row[3]), row[4])
+
+        result: Checkpoint | None = await self._submit(apply, durable=False)
+        return result
+
+    def _summaries(
+        self, conn: sqlite3.Connection, where: str, args: tuple[Any, ...]
+    ) -> list[RunSummary]:
+        rows = conn.execute(
+            "SELECT r.run_id, r.created_at, r.updated_at, r.calls, r.latest_step, "
+            "(SELECT COUNT(*) FROM entries e WHERE e.run_id = r.run_id AND e.state = 'started') "
+            f"FROM runs r {where}",
+            args,
+        ).fetchall()
+        return [RunSummary(*row) for row in rows]
+
+    async def runs(self, limit: int, after: str) -> list[RunSummary]:
+        def apply(conn: sqlite3.Connection) -> list[RunSummary]:
+            return self._summaries(
+                conn, "WHERE r.run_id > ? ORDER BY r.run_id LIMIT ?", (after, limit)
+            )
+
+        result: list[RunSummary] = await self._submit(apply, durable=False)
+        return result
+
+    async def run(self, run_id: str) -> RunSummary | None:
+        def apply(conn: sqlite3.Connection) -> list[RunSummary]:
+            return self._summaries(conn, "WHERE r.run_id = ?", (run_id,))
+
+        found: list[RunSummary] = await self._submit(apply, durable=False)
+        return found[0] if found else None
+
+    # -- retention -----------------------------------------------------------------------
+
+    async def expire(self, now: float) -> Retention:
+        rules = self.config.retention
+        cutoff = now - rules.max_age_s
+
+        def apply(conn: sqlite3.Connection) -> Retention:
+            removed = Retention()
+            removed.entries = conn.execute(
+                "DELETE FROM entries WHERE started_at < ? AND state != 'started'", (cutoff,)
+            ).rowcount
+            removed.entries += conn.execute(
+                "DELETE FROM entries WHERE (run_id, key) IN (SELECT run_id, key FROM ("
+                " SELECT run_id, key, ROW_NUMBER() OVER (PARTITION BY run_id ORDER BY seq DESC)"
+                " AS n FROM entries) WHERE n > ?)",
+                (rules.max_entries_per_run,),
+            ).rowcount
+            removed.checkpoints = conn.execute(
+                "DELETE FROM checkpoints WHERE saved_at < ?", (cutoff,)
+            ).rowcount
+            removed.checkpoints += conn.execute(
+                "DELETE FROM checkpoints WHERE (run_id, step) IN (SELECT run_id, step FROM ("
+                " SELECT run_id, step, ROW_NUMBER() OVER (PARTITION BY run_id ORDER BY step DESC)"
+                " AS n FROM checkpoints) WHERE n > ?)",
+                (rules.max_checkpoints_per_run,),
+            ).rowcount
+            removed.runs = conn.execute(
+                "DELETE FROM runs WHERE updated_at < ? AND run_id NOT IN "
+                "(SELECT run_id FROM entries) AND run_id NOT IN (SELECT run_id FROM checkpoints)",
+                (cutoff,),
+            ).rowcount
+            return removed
+
+        result: Retention = await self._submit(apply)
+        await self._submit(self._fold_wal, standalone=True)
+        return result
+
+    @staticmethod
+    def _fold_wal(conn: sqlite3.Connection) -> None:
+        """Fold the WAL back into the file and truncate it (outside any transaction)."""
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
