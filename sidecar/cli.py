@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 from sidecar.config import Config, ConfigError, default_config, load_config
 
@@ -108,6 +111,61 @@ def _limits(gauges: Mapping[str, float]) -> str:
     return ", ".join(parts) or "-"
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    """`tether runs list | show RUN_ID | resolve RUN_ID KEY (--result FILE | --retry)`."""
+    import tether
+
+    try:
+        with tether.Client(args.address, timeout_s=args.timeout_s) as client:
+            return int(RUNS[args.action](client, args))
+    except tether.TetherError as error:
+        print(f"tether: {error.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as error:
+        print(f"tether: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _runs_list(client: Any, args: argparse.Namespace) -> int:
+    row = "{:<36} {:>7} {:>11} {:>9}  {}"
+    print(row.format("RUN", "CALLS", "CHECKPOINT", "IN DOUBT", "UPDATED"))
+    for run in client.runs():
+        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.updated_at))
+        step = str(run.latest_step) if run.latest_step >= 0 else "-"
+        print(row.format(run.run_id, run.calls, step, run.in_doubt, updated))
+    return EXIT_OK
+
+
+def _runs_show(client: Any, args: argparse.Namespace) -> int:
+    row = "{:>5}  {:<24} {:<14} {:<9} {:>8} {:>11} {:>8}  {}"
+    print(row.format("STEP", "KEY", "UPSTREAM", "STATUS", "ATTEMPTS", "LATENCY ms", "REPLAYED",
+                     "NOTE"))  # fmt: skip
+    for e in client.journal(args.run_id):
+        state = "in doubt" if e.in_doubt else ("running" if e.in_flight else e.state)
+        note = e.error_reason or ("too large to replay" if e.too_large else "")
+        if e.answered_by and e.answered_by != e.upstream:
+            note = f"answered by {e.answered_by} {note}".strip()
+        print(row.format(e.seq, e.key[:24], e.upstream, state, e.attempts,
+                         f"{e.latency_ms:.1f}", e.replays, note))  # fmt: skip
+    return EXIT_OK
+
+
+def _runs_resolve(client: Any, args: argparse.Namespace) -> int:
+    if bool(args.result) == bool(args.retry):
+        print("tether: give exactly one of --result FILE or --retry", file=sys.stderr)
+        return EXIT_USAGE
+    result = Path(args.result).read_bytes() if args.result else None
+    entry = client.resolve(args.run_id, args.key, result=result, retry=args.retry)
+    if entry is None:
+        print(f"{args.key}: forgotten; the next call with this key runs the upstream")
+    else:
+        print(f"{args.key}: {entry.state} (answered by {entry.answered_by})")
+    return EXIT_OK
+
+
+RUNS = {"list": _runs_list, "show": _runs_show, "resolve": _runs_resolve}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start the sidecar on embedded defaults, run the demo agent through it, stop it."""
     from sidecar.demo import run_demo
@@ -132,6 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--address", help="sidecar address (default: $TETHER_ADDRESS)")
     status.add_argument("--timeout-s", type=float, default=5.0)
     status.set_defaults(func=cmd_status)
+
+    runs = sub.add_parser("runs", help="inspect the journal: list, show, resolve")
+    runs.add_argument("--address", help="sidecar address (default: $TETHER_ADDRESS)")
+    runs.add_argument("--timeout-s", type=float, default=10.0)
+    actions = runs.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="runs in the journal")
+    show = actions.add_parser("show", help="the calls of a run, in order")
+    show.add_argument("run_id")
+    resolve = actions.add_parser("resolve", help="settle an in-doubt call")
+    resolve.add_argument("run_id")
+    resolve.add_argument("key")
+    resolve.add_argument("--result", metavar="FILE", help="record FILE's bytes as its answer")
+    resolve.add_argument("--retry", action="store_true", help="let the next call run it again")
+    runs.set_defaults(func=cmd_runs)
 
     demo = sub.add_parser("demo", help="run the demo agent through a sidecar on mock upstreams")
     demo.add_argument("--agent", default="examples/demo_agent.py", help="agent script to run")

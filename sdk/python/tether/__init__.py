@@ -39,7 +39,17 @@ from tether._errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from tether._messages import GuardState, Result, Status, StreamSummary, UpstreamStatus, Usage
+from tether._messages import (
+    Checkpoint,
+    GuardState,
+    JournalEntry,
+    Result,
+    RunInfo,
+    Status,
+    StreamSummary,
+    UpstreamStatus,
+    Usage,
+)
 
 __all__ = [
     "AsyncClient",
@@ -47,6 +57,7 @@ __all__ = [
     "AsyncRun",
     "AsyncStream",
     "CallCancelledError",
+    "Checkpoint",
     "CircuitOpenError",
     "Client",
     "DeadlineExceededError",
@@ -55,6 +66,7 @@ __all__ = [
     "GuardState",
     "InternalError",
     "InvalidRequestError",
+    "JournalEntry",
     "JournalError",
     "JournalUnavailableError",
     "NonDeterministicReplayError",
@@ -67,6 +79,7 @@ __all__ = [
     "RateLimitedError",
     "Result",
     "Run",
+    "RunInfo",
     "SidecarUnavailableError",
     "Status",
     "Stream",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any
@@ -10,19 +9,25 @@ from typing import Any
 import grpc
 import orjson
 
-from tether._errors import InternalError, from_rpc_error
+from tether._errors import InternalError, NotFoundError, from_rpc_error
 from tether._messages import (
     KIND_VALUES,
     MAX_MESSAGE_BYTES,
+    Checkpoint,
     GuardState,
+    JournalEntry,
     Result,
+    RunInfo,
     Status,
     StreamSummary,
     begin_request,
     call_metadata,
     call_request,
     channel_options,
+    checkpoint_request,
     end_request,
+    load_request,
+    resolve_request,
     resolve_target,
 )
 from tether.v1 import sidecar_pb2 as pb
@@ -221,6 +226,51 @@ class Client:
             raise from_rpc_error(error) from None
         return Status.from_pb(response)
 
+    def _rpc(self, method: Any, request: Any, timeout_s: float | None = None) -> Any:
+        try:
+            return method(request, timeout=timeout_s or self.timeout_s or 30.0,
+                          metadata=self._metadata)  # fmt: skip
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def save_checkpoint(
+        self, run_id: str, state: Any, *, step: int, metadata: Mapping[str, str] | None = None
+    ) -> int:
+        """Save `state` (bytes, or JSON-able) as the run's checkpoint at `step`; durable."""
+        request = checkpoint_request(run_id, state, step, metadata)
+        return int(self._rpc(self._stub.SaveCheckpoint, request).step)
+
+    def load_checkpoint(self, run_id: str, step: int | None = None) -> Checkpoint | None:
+        """The run's latest checkpoint (or the one at `step`); None when there is none."""
+        try:
+            answer = self._rpc(self._stub.LoadCheckpoint, load_request(run_id, step))
+        except NotFoundError:
+            return None
+        return Checkpoint.from_pb(answer)
+
+    def runs(self, page_size: int = 100) -> list[RunInfo]:
+        """Runs in the journal, by run id."""
+        found, token = [], ""
+        while True:
+            request = pb.ListRunsRequest(page_size=page_size, page_token=token)
+            answer = self._rpc(self._stub.ListRuns, request)
+            found += [RunInfo.from_pb(r) for r in answer.runs]
+            token = answer.next_page_token
+            if not token:
+                return found
+
+    def journal(self, run_id: str) -> list[JournalEntry]:
+        """The journaled calls of a run, in order."""
+        answer = self._rpc(self._stub.GetRun, pb.GetRunRequest(run_id=run_id))
+        return [JournalEntry.from_pb(e) for e in answer.entries]
+
+    def resolve(
+        self, run_id: str, key: str, *, result: Any | None = None, retry: bool = False
+    ) -> JournalEntry | None:
+        """Settle an in-doubt call: record `result` as its answer, or `retry` it."""
+        answer = self._rpc(self._stub.ResolveCall, resolve_request(run_id, key, result, retry))
+        return JournalEntry.from_pb(answer.entry) if answer.HasField("entry") else None
+
     def wait_ready(self, timeout_s: float = 10.0) -> None:
         """Block until the sidecar's health check says SERVING (or raise after `timeout_s`)."""
         from grpc_health.v1 import health_pb2
@@ -266,12 +316,23 @@ class Run:
     def __init__(self, client: Client, run_id: str) -> None:
         self.client = client
         self.run_id = run_id
-        self._steps = itertools.count(1)
+        self.step = 0  # calls made so far
 
     def next_key(self, given: str = "") -> str:
         """The key of the next call: `given`, else `run_id:step` (every call takes a step)."""
-        step = next(self._steps)
-        return given or f"{self.run_id}:{step}"
+        self.step += 1
+        return given or f"{self.run_id}:{self.step}"
+
+    def save(
+        self, state: Any, *, step: int | None = None, metadata: Mapping[str, str] | None = None
+    ) -> int:
+        """Checkpoint the agent's state (at the current step unless given); durable."""
+        chosen = self.step if step is None else step
+        return self.client.save_checkpoint(self.run_id, state, step=chosen, metadata=metadata)
+
+    def load(self, step: int | None = None) -> Checkpoint | None:
+        """The latest checkpoint of this run (or the one at `step`), or None."""
+        return self.client.load_checkpoint(self.run_id, step)
 
     def model(self, upstream: str, payload: Any, **options: Any) -> Result:
         key = self.next_key(options.pop("idempotency_key", ""))

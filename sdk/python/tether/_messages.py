@@ -274,3 +274,97 @@ class GuardState:
         """The call's result (journaled once the journal lands) and its token usage."""
         self.result = result
         self.usage = usage
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A saved snapshot of an agent's state."""
+
+    run_id: str
+    step: int
+    state: bytes
+    metadata: Mapping[str, str]
+    saved_at: float  # seconds since the epoch
+
+    def json(self) -> Any:
+        """The state parsed as JSON."""
+        return orjson.loads(self.state)
+
+    @classmethod
+    def from_pb(cls, resp: pb.LoadCheckpointResponse) -> Checkpoint:
+        saved = resp.saved_at.ToNanoseconds() / 1e9
+        return cls(resp.run_id, resp.step, resp.state, dict(resp.metadata), saved)
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """A run the journal knows: its calls, latest checkpoint step, calls in doubt."""
+
+    run_id: str
+    calls: int
+    latest_step: int
+    in_doubt: int
+    updated_at: float
+
+    @classmethod
+    def from_pb(cls, run: pb.RunInfo) -> RunInfo:
+        updated = run.updated_at.ToNanoseconds() / 1e9
+        return cls(run.run_id, run.calls, run.latest_step, run.in_doubt, updated)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One journaled call of a run."""
+
+    key: str
+    seq: int
+    upstream: str
+    operation: str
+    state: str  # started, done, failed
+    answered_by: str
+    attempts: int
+    latency_ms: float
+    replays: int
+    error_reason: str
+    error_message: str
+    retryable: bool
+    too_large: bool
+    stream: bool
+    in_flight: bool
+
+    @property
+    def in_doubt(self) -> bool:
+        """Begun, not completed, and not running now: the outcome is unknown."""
+        return self.state == "started" and not self.in_flight
+
+    @classmethod
+    def from_pb(cls, e: pb.JournalEntry) -> JournalEntry:
+        return cls(
+            e.idempotency_key, e.seq, e.upstream, e.operation, e.state, e.answered_by,
+            e.attempts, e.latency_ms, e.replays, e.error_reason, e.error_message, e.retryable,
+            e.too_large, e.stream, e.in_flight,
+        )  # fmt: skip
+
+
+def checkpoint_request(
+    run_id: str, state: Any, step: int, metadata: Mapping[str, str] | None
+) -> pb.SaveCheckpointRequest:
+    return pb.SaveCheckpointRequest(
+        run_id=run_id, step=step, state=encode_payload(state), metadata=metadata
+    )
+
+
+def load_request(run_id: str, step: int | None) -> pb.LoadCheckpointRequest:
+    if step is None:
+        return pb.LoadCheckpointRequest(run_id=run_id)
+    return pb.LoadCheckpointRequest(run_id=run_id, step=step)
+
+
+def resolve_request(
+    run_id: str, key: str, result: Any | None, retry: bool
+) -> pb.ResolveCallRequest:
+    if (result is None) == (not retry):
+        raise ValueError("give exactly one of result= or retry=True")
+    if retry:
+        return pb.ResolveCallRequest(run_id=run_id, idempotency_key=key, retry=True)
+    return pb.ResolveCallRequest(run_id=run_id, idempotency_key=key, result=encode_payload(result))
