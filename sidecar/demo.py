@@ -50,6 +50,26 @@ def _stop(sidecar: subprocess.Popen[bytes]) -> int:
         return sidecar.wait()
 
 
+def _crash_and_resume(agent: str, env: dict[str, str], address: str) -> int:
+    """The second act: an agent killed mid-run resumes from the sidecar's journal."""
+    import tether
+
+    print("\n== crash and resume: the agent is killed (SIGKILL) at step 6 of 10, then re-run ==")
+    command = [sys.executable, agent, "--run-id", "resume-demo", "--steps", "10"]
+    crashed = subprocess.run([*command, "--crash-at", "6"], env=env).returncode
+    print(f"demo: the agent died (exit code {crashed}); running it again with the same run id")
+    resumed = subprocess.run(command, env=env).returncode
+    with tether.Client(address) as client:
+        ledger = client.status().upstreams["ledger"].hits
+        entries = client.journal("resume-demo")
+    replays = sum(e.replays for e in entries)
+    print(
+        f"demo: the ledger tool ran {ledger} times for 10 steps (once each); "
+        f"{replays} calls were answered from the journal"
+    )
+    return resumed
+
+
 def run_demo(*, agent: str, steps: int) -> int:
     """Run `agent` against a fresh sidecar; the exit code is the agent's, else the sidecar's."""
     if not Path(agent).is_file():
@@ -70,6 +90,9 @@ def run_demo(*, agent: str, steps: int) -> int:
         agent_code = subprocess.run(
             [sys.executable, agent, "--steps", str(steps)], env=env
         ).returncode
+        resumable = Path(agent).with_name("resumable_agent.py")
+        if agent_code == 0 and resumable.is_file():
+            agent_code = _crash_and_resume(str(resumable), env, address)
         sidecar_code = _stop(sidecar)
         print(f"demo: sidecar drained and stopped (exit code {sidecar_code})")
         return agent_code or sidecar_code
