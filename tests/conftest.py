@@ -15,10 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test starts without the SDK's and sidecar's environment variables."""
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every test starts without the SDK's and sidecar's environment variables, in an empty
+    working directory (relative paths, such as the default journal file, land there)."""
     for name in ("TETHER_ADDRESS", "TETHER_TOKEN", "TETHER_LOG_LEVEL"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
 
 
 def require_service(name: str, available: bool, why: str) -> None:

@@ -3,8 +3,9 @@
 The semantics (hashing, replay decisions, single flight, in-doubt entries) live in
 `sidecar.journal.recorder`; a backend only stores and finds rows, atomically. Every write a
 caller awaits is durable when the await returns (committed at the configured `synchronous`
-level), except `begin(..., durable=False)`, used for idempotent upstreams whose re-execution
-after a crash is harmless.
+level), except `begin(..., durable=False)`. Calls to idempotent upstreams write no STARTED
+mark at all (running one again after a crash is harmless): their entry is written once, by
+`complete`.
 """
 
 from __future__ import annotations
@@ -121,7 +122,13 @@ class JournalStore(Protocol):
         """Turn an existing entry back into STARTED for a new execution (retry, re-run)."""
         ...
 
-    async def complete(self, run_id: str, key: str, completion: Completion) -> None: ...
+    def may_contain(self, run_id: str, key: str) -> bool:
+        """False only when (run_id, key) is surely not stored (answered without I/O)."""
+        ...
+
+    async def complete(self, entry: Entry, completion: Completion) -> None:
+        """Write the outcome into `entry` (by its run and key), inserting it if absent."""
+        ...
 
     async def forget(self, run_id: str, key: str) -> None:
         """Remove a STARTED entry whose call never reached the upstream."""

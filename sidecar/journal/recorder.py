@@ -70,6 +70,7 @@ class Claim:
     idempotent: bool
     entry: Entry | None = None  # set: answer from this entry
     trace: CallTrace = field(default_factory=CallTrace)
+    fresh: Entry | None = None  # the entry this execution writes
 
     @property
     def replay(self) -> bool:
@@ -145,9 +146,17 @@ class Recorder:
         now = time.time()
         fresh = Entry(ident.run_id, ident.key, ident.request_hash, ident.upstream,
                       ident.operation, ident.stream, State.STARTED, started_at=now)  # fmt: skip
-        existing = await self._io(self.store.begin(fresh, durable=not idempotent))
+        execute = Claim(self, ident, idempotent, fresh=fresh)
+        if idempotent:
+            # No STARTED mark: running it again after a crash is harmless. Most keys are
+            # new, and the store's filter says so without a read.
+            if not self.store.may_contain(ident.run_id, ident.key):
+                return execute
+            existing = await self._io(self.store.get(ident.run_id, ident.key))
+        else:
+            existing = await self._io(self.store.begin(fresh, durable=True))
         if existing is None:
-            return Claim(self, ident, idempotent)
+            return execute
         if existing.request_hash != ident.request_hash:
             raise errors.NonDeterministicReplayError(
                 f"non-deterministic replay: key {ident.key!r} of run {ident.run_id!r} was "
@@ -155,8 +164,9 @@ class Recorder:
                 f"{ident.request_hash} (upstream, operation or payload changed)"
             )
         if self._reexecute(existing, idempotent):
-            await self._io(self.store.restart(fresh, durable=not idempotent))
-            return Claim(self, ident, idempotent)
+            if not idempotent:
+                await self._io(self.store.restart(fresh, durable=True))
+            return execute
         return self._replayed(ident, existing, idempotent, count=True)
 
     def _reexecute(self, entry: Entry, idempotent: bool) -> bool:
@@ -233,7 +243,8 @@ class Recorder:
             completion.payload, completion.too_large = None, True
             self.too_large += 1
         try:
-            await self._io(self.store.complete(ident.run_id, ident.key, completion))
+            assert claim.fresh is not None
+            await self._io(self.store.complete(claim.fresh, completion))
         except BaseException as exc:
             self._release(ident, exc=exc)
             raise

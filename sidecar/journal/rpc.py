@@ -95,7 +95,7 @@ class JournalRPCs:
             raise errors.NotFoundError(f"no call {key!r} in run {run_id!r}")
         if request.WhichOneof("action") == "result":
             done = Completion(State.DONE, answered_by="operator", payload=request.result)
-            await recorder._io(recorder.store.complete(run_id, key, done))
+            await recorder._io(recorder.store.complete(entry, done))
         elif request.retry:
             await recorder._io(recorder.store.delete(run_id, key))
         else:

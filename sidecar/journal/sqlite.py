@@ -41,6 +41,7 @@ from sidecar.journal.base import (
     State,
     StoredError,
 )
+from sidecar.journal.keyfilter import KeyFilter
 
 log = logging.getLogger("tether.sidecar.journal")
 
@@ -159,6 +160,7 @@ class SQLiteJournal:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._open_error: BaseException | None = None
+        self.keys = KeyFilter()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -191,6 +193,8 @@ class SQLiteJournal:
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
         )
+        for run_id, key in conn.execute("SELECT run_id, key FROM entries"):
+            self.keys.add(run_id, key)
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if int(version[0]) != SCHEMA_VERSION:
             raise RuntimeError(
@@ -301,7 +305,12 @@ class SQLiteJournal:
 
     # -- calls -------------------------------------------------------------------------
 
+    def may_contain(self, run_id: str, key: str) -> bool:
+        return self.keys.may_contain(run_id, key)
+
     async def begin(self, entry: Entry, *, durable: bool) -> Entry | None:
+        self.keys.add(entry.run_id, entry.key)
+
         def apply(conn: sqlite3.Connection) -> Entry | None:
             row = conn.execute(
                 f"SELECT {ENTRY_COLUMNS} FROM entries WHERE run_id = ? AND key = ?",
@@ -343,20 +352,32 @@ class SQLiteJournal:
 
         await self._submit(apply, durable=durable)
 
-    async def complete(self, run_id: str, key: str, completion: Completion) -> None:
+    async def complete(self, entry: Entry, completion: Completion) -> None:
+        """Write the outcome into the entry, inserting it if it was never begun here."""
+        self.keys.add(entry.run_id, entry.key)
         now = time.time()
 
         def apply(conn: sqlite3.Connection) -> None:
-            c = completion
-            conn.execute(
+            c, e = completion, entry
+            values = (c.state.value, now, c.answered_by, c.upstream_status, c.attempts,
+                      c.input_tokens, c.output_tokens, c.payload, int(c.too_large),
+                      _error_json(c.error))  # fmt: skip
+            updated = conn.execute(
                 "UPDATE entries SET state = ?, completed_at = ?, answered_by = ?, "
                 "upstream_status = ?, attempts = ?, input_tokens = ?, output_tokens = ?, "
-                "payload = ?, too_large = ?, error = ? WHERE run_id = ? AND key = ?",
-                (c.state.value, now, c.answered_by, c.upstream_status, c.attempts,
-                 c.input_tokens, c.output_tokens, c.payload, int(c.too_large),
-                 _error_json(c.error), run_id, key),
-            )  # fmt: skip
-            conn.execute("UPDATE runs SET updated_at = ? WHERE run_id = ?", (now, run_id))
+                "payload = ?, too_large = ?, error = ?, started_at = ? "
+                "WHERE run_id = ? AND key = ?",
+                (*values, e.started_at, e.run_id, e.key),
+            ).rowcount
+            if not updated:
+                seq = self._next_seq(conn, e.run_id, now)
+                conn.execute(
+                    f"INSERT INTO entries ({ENTRY_COLUMNS}) VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                    (e.run_id, e.key, seq, e.request_hash, e.upstream, e.operation,
+                     int(e.stream), c.state.value, e.started_at, now, *values[2:]),
+                )  # fmt: skip
+            conn.execute("UPDATE runs SET updated_at = ? WHERE run_id = ?", (now, e.run_id))
 
         await self._submit(apply)
 

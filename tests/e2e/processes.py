@@ -17,7 +17,7 @@ import tether
 def write_config(directory: Path, upstreams: dict[str, Any], **extra: Any) -> tuple[Path, str]:
     """A config file in `directory` listening on a unix socket there; returns (file, address)."""
     address = f"unix:{directory}/tether.sock"
-    extra.setdefault("journal", {"path": str(directory / "journal.db")})
+    extra["journal"] = {"path": str(directory / "journal.db"), **extra.get("journal", {})}
     data = {"listen": {"grpc": address, "metrics": None}, "upstreams": upstreams, **extra}
     path = directory / "tether.yaml"
     path.write_text(yaml.safe_dump(data))

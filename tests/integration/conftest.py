@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from sidecar.server import SidecarServer
+from tests.integration.faults import FaultServer
 from tests.integration.support import LoopThread, UpstreamApp, sidecar_config, start_sidecar
 
 
@@ -47,6 +48,15 @@ def loop_thread() -> Iterator[LoopThread]:
     thread = LoopThread()
     yield thread
     thread.stop()
+
+
+@pytest.fixture
+def faults(loop_thread: LoopThread) -> Iterator[FaultServer]:
+    """A fault-injecting upstream with exact per-endpoint counts."""
+    server = FaultServer()
+    loop_thread.run(server.start())
+    yield server
+    loop_thread.run(server.stop())
 
 
 @pytest.fixture

@@ -186,7 +186,7 @@ class UpstreamApp:
 
 def sidecar_config(socket_path: str, upstreams: dict[str, Any], **extra: Any) -> Any:
     """Listening on the socket and a loopback port; the journal beside the socket."""
-    extra.setdefault("journal", {"path": f"{socket_path}.journal.db"})
+    extra["journal"] = {"path": f"{socket_path}.journal.db", **extra.get("journal", {})}
     data = {"listen": {"grpc": [f"unix:{socket_path}", "127.0.0.1:0"], "metrics": None},
             "upstreams": upstreams, **extra}  # fmt: skip
     return parse_config(data)
