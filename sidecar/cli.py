@@ -72,6 +72,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
+# CALLS: calls taken; HITS: requests the upstream adapter counted (UpstreamStatus.hits).
+STATUS_COLUMNS = ("UPSTREAM", "KIND", "TYPE", "BREAKER", "FAILS", "INFL", "QUEUED", "CALLS",
+                  "HITS", "ERRORS", "RETRY", "BUDGET", "FALLBK", "REFUSED", "LIMITS")  # fmt: skip
+STATUS_ROW = (
+    "{:<16} {:<5} {:<7} {:<9} {:>6} {:>6} {:>7} {:>6} {:>6} {:>7} {:>6} {:>7} {:>6} {:>7}  {}"
+)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the status of a running sidecar."""
     import tether
@@ -84,14 +92,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     print(f"tether {status.version}  config {status.config_version}  ", end="")
     print(f"serving={status.serving}  uptime {status.uptime_s:.0f} s  in flight {status.in_flight}")
-    row = "{:<16} {:<5} {:<7} {:<9} {:>6} {:>6} {:>7} {:>6} {:>7} {:>6} {:>7} {:>6} {:>7}  {}"
-    print(row.format("UPSTREAM", "KIND", "TYPE", "BREAKER", "FAILS", "INFL", "QUEUED", "CALLS",
-                     "ERRORS", "RETRY", "BUDGET", "FALLBK", "REFUSED", "LIMITS"))  # fmt: skip
+    row = STATUS_ROW
+    print(row.format(*STATUS_COLUMNS))
     for up in status.upstreams.values():
         g = up.gauges
         print(row.format(
             up.name, up.kind, up.type, up.breaker_state, _num(g, "breaker.failures"),
-            up.in_flight, up.queued, up.calls, up.errors, up.retries,
+            up.in_flight, up.queued, up.calls, up.hits, up.errors, up.retries,
             _num(g, "retry.budget_left", "{:.1f}"), up.fallbacks, up.rejected, _limits(g),
         ))  # fmt: skip
     return EXIT_OK

@@ -134,7 +134,7 @@ class RetryPolicy(_Model):
     jitter: Literal["full", "none"] = "full"
     retry_on: list[RetryCondition] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON))
     budget_ratio: float = Field(0.2, ge=0, le=10)
-    budget_min_retries: int = Field(3, ge=0)
+    budget_min_retries: int = Field(1, ge=0)
     budget_window_s: int = Field(10, ge=1, le=3600)
 
 

@@ -36,6 +36,7 @@ class SidecarError(Exception):
     """Base of every error the sidecar reports to a caller."""
 
     retry_after_s: float | None = None
+    attempts: int = 0  # upstream attempts made for the call; set by the pipeline
 
     def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message)
@@ -45,7 +46,7 @@ class SidecarError(Exception):
 
     def metadata(self) -> dict[str, str]:
         """Facts for google.rpc.ErrorInfo.metadata (strings only, never secrets)."""
-        return {}
+        return {"attempts": str(self.attempts)} if self.attempts > 0 else {}
 
 
 class InvalidRequestError(SidecarError):
@@ -107,7 +108,7 @@ class PolicyError(SidecarError):
         self.upstream = upstream
 
     def metadata(self) -> dict[str, str]:
-        return {"upstream": self.upstream}
+        return {**super().metadata(), "upstream": self.upstream}
 
 
 class CircuitOpenError(PolicyError):

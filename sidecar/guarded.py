@@ -20,7 +20,15 @@ from sidecar import errors
 from sidecar.journal.base import Completion, Entry, State, StoredError
 from sidecar.journal.recorder import Claim, Ident, Recorder, request_hash
 from sidecar.pipeline import Admission, Pipeline, Route
-from sidecar.policies.base import NEUTRAL, UPSTREAM_SIDE_4XX, Outcome, Permit, Verdict
+from sidecar.policies.base import (
+    NEUTRAL,
+    UPSTREAM_SIDE_4XX,
+    Outcome,
+    Permit,
+    Verdict,
+    outcome_of,
+    succeeded,
+)
 from sidecar.policies.deadline import Deadline
 from sidecar.upstreams.base import UpstreamRequest, Usage
 from tether.v1 import sidecar_pb2 as pb
@@ -43,17 +51,32 @@ class _Guarded:
         self.route.in_flight -= 1
 
 
+# How the SDK reports a guarded block that was cancelled (CancelledError, KeyboardInterrupt...):
+# the nginx "client closed request" status, with its own type.
+CANCELLED_TYPE = "cancelled"
+CANCELLED_STATUS = 499
+
+
+class GuardedCallError(Exception):
+    """The error a guarded call reported, as its outcome's `error` (it refunds tokens the
+    call did not report using, like a failed proxied call)."""
+
+
 def outcome_of_end(request: pb.EndCallRequest) -> Outcome:
-    """How the agent's reported outcome counts: transient errors are upstream failures."""
+    """How the agent's reported outcome counts: transient errors are upstream failures, a
+    cancelled block is neutral, any other error means the dependency answered."""
     usage = None
     if request.HasField("usage"):
         u = request.usage
         usage = Usage(u.input_tokens, u.output_tokens)
     if request.WhichOneof("outcome") != "error":
-        return Outcome(Verdict.SUCCESS, usage=usage)
+        return succeeded(usage)
     error = request.error
+    failure = GuardedCallError(f"{error.type or 'error'}: {error.message}")
+    if error.type == CANCELLED_TYPE or error.status == CANCELLED_STATUS:
+        return Outcome(Verdict.NEUTRAL, failure, usage)
     failed = error.retryable or error.status >= 500 or error.status in UPSTREAM_SIDE_4XX
-    return Outcome(Verdict.FAILURE if failed else Verdict.SUCCESS, usage=usage)
+    return Outcome(Verdict.FAILURE if failed else Verdict.SUCCESS, failure, usage)
 
 
 def replayed_begin(entry: Entry, key: str) -> pb.BeginCallResponse:
@@ -135,8 +158,8 @@ class GuardedCalls:
         admission = await self._pipeline.admit(route, call, deadline)
         try:
             permit = route.breaker.admit() if route.breaker is not None else None
-        except BaseException:
-            admission.release(NEUTRAL)
+        except BaseException as exc:
+            admission.release(outcome_of(exc))  # neutral, and the token reservation refunded
             route.errors += 1
             raise
         call_id = secrets.token_hex(12)
@@ -160,8 +183,13 @@ class GuardedCalls:
         if request.WhichOneof("outcome") == "error":
             guarded.route.errors += 1
         guarded.release(outcome)
-        if guarded.claim is not None:
-            await guarded.claim.settle(completion_of_end(request, guarded.claim))
+        claim = guarded.claim
+        if claim is None:
+            return
+        if outcome.verdict is Verdict.NEUTRAL:  # the agent's block was cancelled mid-call
+            await claim.abandon()
+        else:
+            await claim.settle(completion_of_end(request, claim))
 
     def _expire(self, call_id: str) -> None:
         guarded = self._calls.pop(call_id, None)

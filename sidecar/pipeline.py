@@ -9,8 +9,10 @@
   until the call ends, retries included; released with the outcome, which settles tokens.
 - breaker: admits or refuses each attempt; each attempt's outcome is counted (the sidecar's
   own refusals and the caller's cancellation are neutral, see `policies.base.verdict_of`).
+  An attempt counts (`CallTrace.attempts`, `attempts` of results and errors) once admitted.
 - retry: retryable failures, within `max_attempts`, the budget and the deadline, after a
-  full-jitter backoff that honours Retry-After.
+  full-jitter backoff that honours Retry-After. When the breaker would refuse the next
+  attempt (it tripped on this one), the last upstream error is returned at once.
 - fallback: when the upstream is open, rate limited, overloaded, or failed after its
   retries, the next upstream in `policies.fallback` takes the call with its own gates.
 
@@ -27,13 +29,7 @@ from dataclasses import dataclass
 
 from sidecar import errors
 from sidecar.config import Config
-from sidecar.policies.base import (
-    NEUTRAL,
-    Outcome,
-    Permit,
-    Verdict,
-    outcome_of,
-)
+from sidecar.policies.base import NEUTRAL, Outcome, Permit, outcome_of, succeeded
 from sidecar.policies.breaker import Breaker
 from sidecar.policies.bulkhead import Bulkhead
 from sidecar.policies.clock import SYSTEM_CLOCK, Clock
@@ -58,6 +54,7 @@ class Route:
         self.idempotent = spec.is_idempotent
         self.fallback_names = list(policies.fallback)
         self.fallbacks: list[Route] = []
+        self.candidates: list[Route] = [self]  # itself, then its fallbacks in order
         self.limiter = (
             RateLimiter(name, policies.rate_limit, clock) if policies.rate_limit else None
         )
@@ -126,6 +123,7 @@ class Pipeline:
         self.routes = {name: Route(name, up, config, clock) for name, up in upstreams.items()}
         for route in self.routes.values():
             route.fallbacks = [self.routes[n] for n in route.fallback_names]
+            route.candidates = [route, *route.fallbacks]
 
     def deadline(self, timeout_s: float | None) -> Deadline:
         return Deadline.after(self.clock, timeout_s)
@@ -158,29 +156,26 @@ class Pipeline:
         trace: CallTrace | None = None,
     ) -> CallResult:
         """The call on `route`, else on its fallbacks in order."""
-        trace = trace or CallTrace()
-        attempts = 0
-        for target in self._candidates(route):
+        if trace is None:
+            trace = CallTrace()
+        start = trace.attempts
+        for target in route.candidates:
             try:
                 result = await self._call_route(target, request, deadline, trace)
             except errors.SidecarError as exc:
-                attempts += getattr(exc, "attempts", 0)
                 if not self._next_candidate(route, target, exc, deadline):
-                    _set_attempts(exc, attempts)
+                    _set_attempts(exc, trace.attempts - start)
                     raise
                 continue
-            result.attempts += attempts
+            result.attempts = trace.attempts - start
             return result
         raise AssertionError("unreachable: the last candidate re-raises")  # pragma: no cover
-
-    def _candidates(self, route: Route) -> list[Route]:
-        return [route, *route.fallbacks]
 
     def _next_candidate(
         self, route: Route, target: Route, exc: errors.SidecarError, deadline: Deadline
     ) -> bool:
         """Whether to try the next fallback after `target` failed with `exc`."""
-        if target is self._candidates(route)[-1]:
+        if target is route.candidates[-1]:
             return False
         fall = falls_back(exc, deadline)
         if fall:
@@ -193,14 +188,17 @@ class Pipeline:
     ) -> CallResult:
         admission = await self.admit(route, request, deadline)
         route.in_flight += 1
+        start = trace.attempts
         outcome = NEUTRAL
         try:
             result = await self._attempts(route, request, deadline, trace)
-            outcome = Outcome(Verdict.SUCCESS, usage=result.response.usage)
+            outcome = succeeded(result.response.usage)
             return result
         except BaseException as exc:
             outcome = outcome_of(exc)
             route.errors += 1
+            if isinstance(exc, errors.SidecarError):
+                _set_attempts(exc, trace.attempts - start)
             raise
         finally:
             route.in_flight -= 1
@@ -211,37 +209,46 @@ class Pipeline:
     ) -> CallResult:
         if route.retrier is not None:
             route.retrier.budget.record_call()
-        attempt = 0
+        start = trace.attempts
         while True:
-            attempt += 1
-            trace.attempts += 1
             try:
-                response = await self._attempt(route, request, deadline)
+                response = await self._attempt(route, request, deadline, trace, start)
             except errors.UpstreamError as exc:
-                exc.attempts = attempt
-                await self._before_retry(route, exc, attempt, deadline)
+                await self._before_retry(route, exc, trace.attempts - start, deadline)
                 continue
-            return CallResult(response, route.name, attempt)
+            return CallResult(response, route.name, trace.attempts - start)
 
     async def _before_retry(
-        self, route: Route, exc: errors.UpstreamError, attempt: int, deadline: Deadline
+        self, route: Route, exc: errors.UpstreamError, attempts: int, deadline: Deadline
     ) -> None:
-        """Sleep the backoff before the next attempt, or re-raise `exc` when none is due."""
+        """Sleep the backoff before the next attempt, or re-raise `exc` when none is due:
+        not retryable, attempts or budget spent, a Retry-After beyond `backoff_max_s`, a
+        backoff past the deadline, or a breaker that would refuse the next attempt."""
         retrier = route.retrier
         if (
             retrier is None
             or not retrier.enabled
-            or attempt >= retrier.policy.max_attempts
+            or attempts >= retrier.policy.max_attempts
             or not retrier.retryable(exc)
         ):
             raise exc
-        delay = retrier.delay_s(exc, attempt)
+        delay = retrier.delay_s(exc, attempts)
+        if delay is None or (route.breaker is not None and route.breaker.refuses(delay)):
+            raise exc
         left = deadline.remaining()
         if (left is not None and delay >= left) or not retrier.budget.try_spend():
             raise exc
-        retrier.retries += 1
         log.info("retrying upstream %r in %.3f s after %s", route.name, delay, type(exc).__name__)
         await self.clock.sleep(delay)
+
+    def _admit_attempt(self, route: Route, trace: CallTrace, start: int) -> Permit | None:
+        """The breaker's permit for one attempt (CircuitOpenError when refused); an admitted
+        attempt is counted, and counted as a retry when it is not the route's first."""
+        permit = route.breaker.admit() if route.breaker is not None else None
+        if trace.attempts > start and route.retrier is not None:
+            route.retrier.retries += 1
+        trace.attempts += 1
+        return permit
 
     def _timed_out(self, route: Route, timeout_s: float, by_caller: bool) -> errors.UpstreamError:
         return errors.UpstreamTimeoutError(
@@ -251,10 +258,15 @@ class Pipeline:
         )
 
     async def _attempt(
-        self, route: Route, request: UpstreamRequest, deadline: Deadline
+        self,
+        route: Route,
+        request: UpstreamRequest,
+        deadline: Deadline,
+        trace: CallTrace,
+        start: int,
     ) -> UpstreamResponse:
         """One attempt: breaker admission, the call under its timeout, breaker accounting."""
-        permit = route.breaker.admit() if route.breaker is not None else None
+        permit = self._admit_attempt(route, trace, start)
         timeout_s, by_caller = deadline.cap(route.attempt_timeout_s)
         try:
             async with asyncio.timeout(timeout_s):
@@ -269,7 +281,7 @@ class Pipeline:
                 permit.release(outcome_of(exc))
             raise
         if permit is not None:
-            permit.release(Outcome(Verdict.SUCCESS, usage=response.usage))
+            permit.release(succeeded(response.usage))
         return response
 
     # -- streams -----------------------------------------------------------------------------
@@ -283,12 +295,13 @@ class Pipeline:
     ) -> AsyncGenerator[Chunk, None]:
         """The chunks of the call on `route` or a fallback. Failures before the first chunk
         are retried and fall back like unary calls; after it, they end the stream."""
-        for target in self._candidates(route):
+        start = info.attempts
+        for target in route.candidates:
             try:
                 opened = await self._open_route(target, request, deadline, info)
             except errors.SidecarError as exc:
                 if not self._next_candidate(route, target, exc, deadline):
-                    _set_attempts(exc, info.attempts)
+                    _set_attempts(exc, info.attempts - start)
                     raise
                 continue
             break
@@ -303,20 +316,21 @@ class Pipeline:
         if route.retrier is not None:
             route.retrier.budget.record_call()
         route.in_flight += 1
-        attempt = 0
+        start = info.attempts
         try:
             while True:
-                attempt += 1
-                info.attempts += 1
                 try:
-                    return await self._open_attempt(route, request, deadline, admission)
+                    return await self._open_attempt(
+                        route, request, deadline, admission, info, start
+                    )
                 except errors.UpstreamError as exc:
-                    exc.attempts = attempt
-                    await self._before_retry(route, exc, attempt, deadline)
+                    await self._before_retry(route, exc, info.attempts - start, deadline)
         except BaseException as exc:
             route.in_flight -= 1
             route.errors += 1
             admission.release(outcome_of(exc))
+            if isinstance(exc, errors.SidecarError):
+                _set_attempts(exc, info.attempts - start)
             raise
 
     def _first_chunk_error(
@@ -331,19 +345,27 @@ class Pipeline:
         return caught
 
     async def _open_attempt(
-        self, route: Route, request: UpstreamRequest, deadline: Deadline, admission: Admission
+        self,
+        route: Route,
+        request: UpstreamRequest,
+        deadline: Deadline,
+        admission: Admission,
+        info: StreamInfo,
+        start: int,
     ) -> _OpenStream:
-        permit = route.breaker.admit() if route.breaker is not None else None
+        permit = self._admit_attempt(route, info, start)
         timeout_s, by_caller = deadline.cap(route.attempt_timeout_s)
         chunks = route.upstream.stream(request)
         try:
             async with asyncio.timeout(timeout_s):
                 first = await anext(chunks)
         except BaseException as caught:
-            await _close(chunks)
             exc = self._first_chunk_error(route, caught, timeout_s, by_caller)
-            if permit is not None:
-                permit.release(outcome_of(exc))
+            try:
+                await _close(chunks)
+            finally:
+                if permit is not None:
+                    permit.release(outcome_of(exc))
             if exc is caught:
                 raise
             raise exc from None
@@ -375,17 +397,19 @@ class _OpenStream:
                 info.usage = chunk.usage or info.usage
                 yield chunk
                 chunk = await self._next(deadline)
-            outcome = Outcome(Verdict.SUCCESS, usage=info.usage)
+            outcome = succeeded(info.usage)
         except BaseException as exc:
             outcome = outcome_of(exc)
             route.errors += 1
             raise
         finally:
-            await _close(self.chunks)
-            route.in_flight -= 1
-            if self.permit is not None:
-                self.permit.release(outcome)
-            self.admission.release(outcome)
+            try:
+                await _close(self.chunks)
+            finally:  # a failing aclose must not keep the slot, the probe or the tokens
+                route.in_flight -= 1
+                if self.permit is not None:
+                    self.permit.release(outcome)
+                self.admission.release(outcome)
 
     async def _next(self, deadline: Deadline) -> Chunk | None:
         """The next chunk within the per-attempt timeout (an idle bound) and the deadline."""
@@ -406,5 +430,6 @@ async def _close(chunks: AsyncIterator[Chunk]) -> None:
 
 
 def _set_attempts(exc: errors.SidecarError, attempts: int) -> None:
-    if attempts and isinstance(exc, errors.UpstreamError):
+    """Carry the upstream attempts made on the error, whatever its kind (0: leave it)."""
+    if attempts > 0:
         exc.attempts = attempts

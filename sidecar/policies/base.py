@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from dataclasses import dataclass
 from typing import Protocol
@@ -51,31 +50,12 @@ def outcome_of(exc: BaseException) -> Outcome:
     return Outcome(verdict_of(exc), exc)
 
 
-def is_cancellation(exc: BaseException) -> bool:
-    return isinstance(exc, asyncio.CancelledError)
+def succeeded(usage: Usage | None) -> Outcome:
+    """The outcome of an answered call; the shared `SUCCESS` when it reported no usage."""
+    return SUCCESS if usage is None else Outcome(Verdict.SUCCESS, usage=usage)
 
 
 class Permit(Protocol):
     """What a gate hands out on admission; released exactly once with the outcome."""
 
     def release(self, outcome: Outcome) -> None: ...
-
-
-class Gate(Protocol):
-    """A policy that admits or refuses a call before it reaches the upstream."""
-
-    def status(self) -> dict[str, float]:
-        """Gauges for GetStatus, e.g. {"bulkhead.queued": 3}."""
-        ...
-
-
-class NullPermit:
-    """The permit of a gate that is not configured."""
-
-    __slots__ = ()
-
-    def release(self, outcome: Outcome) -> None:
-        """Nothing to give back."""
-
-
-NULL_PERMIT = NullPermit()

@@ -6,7 +6,9 @@ interface. Each attempt enters `CircuitBreaker.calling()` by hand (`__enter__` a
 
 - an injectable clock: the storage keeps `opened_at` on the policies' clock and shows
   pybreaker the wall-clock time that makes its own reset-timeout check agree with it;
-- at most `half_open_probes` attempts in flight while half-open; the others fail fast;
+- at most `half_open_probes` attempts in flight while half-open, counted per state epoch (a
+  probe still in flight from an earlier half-open window takes no slot in the next one); the
+  others fail fast;
 - NEUTRAL outcomes (cancellation, the sidecar's own refusals): pybreaker only knows failure
   and success (its excluded exceptions count as successes), so the storage is frozen while a
   neutral outcome passes through, and counts nothing;
@@ -79,7 +81,8 @@ class _Listener(pybreaker.CircuitBreakerListener):
     def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
         old = STATE_NAMES.get(old_state.name, old_state.name) if old_state else "none"
         new = STATE_NAMES.get(new_state.name, new_state.name)
-        self._breaker.transitions += 1
+        self._breaker.transitions += 1  # a new epoch: probes of the old one no longer count
+        self._breaker._probes = 0
         log.warning("breaker of upstream %r: %s -> %s", self._breaker.upstream, old, new)
 
 
@@ -146,6 +149,14 @@ class Breaker:
             retry_after_s=retry_after_s,
         )
 
+    def refuses(self, within_s: float = 0.0) -> bool:
+        """Whether an attempt `within_s` from now would be refused (open with more time than
+        that left, or half-open with its probes in flight), without changing any state."""
+        state = self._cb.current_state
+        if state == OPEN:
+            return self._open_for() > within_s
+        return state == HALF_OPEN and self._probes >= self.policy.half_open_probes
+
     def admit(self) -> BreakerPermit:
         """Admit one attempt, or raise CircuitOpenError at once."""
         state = self._cb.current_state
@@ -163,11 +174,14 @@ class Breaker:
         return BreakerPermit(self, cm, probe)
 
     def _finish(self, cm: Any, probe: bool, outcome: Outcome, epoch: int) -> None:
-        self._probes -= probe
         # pybreaker settles an outcome with the state object the attempt was admitted in: one
         # admitted before the state changed (before a trip, by an earlier probe) must count
-        # neither way, or it re-opens an open breaker or closes a re-opened one.
-        verdict = outcome.verdict if epoch == self.transitions else Verdict.NEUTRAL
+        # neither way, or it re-opens an open breaker or closes a re-opened one. Its probe
+        # slot belonged to that earlier epoch too (reset at the transition): not ours to free.
+        current = epoch == self.transitions
+        if current:
+            self._probes -= probe
+        verdict = outcome.verdict if current else Verdict.NEUTRAL
         if verdict is Verdict.SUCCESS:
             cm.__exit__(None, None, None)
         elif verdict is Verdict.FAILURE:

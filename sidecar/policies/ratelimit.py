@@ -10,7 +10,8 @@ GCRA does all three in a few lines, and is one atomic script when the state move
 Tokens are estimated from the request before the call and corrected with the usage the
 upstream reports after it. Mode `wait` reserves the earliest slot and sleeps until it (up to
 `max_wait_s` and the caller's deadline); mode `reject` refuses at once. Refusals carry the
-delay after which the call would be admitted.
+delay after which the call would be admitted; a call estimated above the whole of
+`tokens_per_min` never would be, and is refused at once without one.
 """
 
 from __future__ import annotations
@@ -153,6 +154,13 @@ class RateLimiter:
 
     async def admit(self, estimate: int, deadline: Deadline) -> TokenPermit:
         """Take one request and `estimate` tokens, waiting in mode `wait`; else refuse."""
+        if self.tokens is not None and estimate > self.tokens.burst:
+            self.rejected += 1  # no wait would ever admit it: refuse now, with no retry delay
+            raise RateLimitedError(
+                f"the request's estimated {estimate} tokens exceed tokens_per_min "
+                f"({self.policy.tokens_per_min}) of upstream {self.upstream!r}",
+                upstream=self.upstream,
+            )
         try:
             wait = self._reserve(estimate, self._max_wait(deadline))
         except _Denied as denied:

@@ -1,10 +1,12 @@
 """Retries: which failures, how long to wait, and a budget so retries never pile up.
 
 Backoff is exponential with full jitter (a uniform draw in [0, min(max, initial * 2^n)]);
-an upstream's `Retry-After` is a floor. The budget is per upstream: over a sliding window,
-retries may add at most `budget_ratio` of the calls (plus `budget_min_retries` so a quiet
-upstream can still retry once in a while). A failing upstream under load thus receives at
-most (1 + budget_ratio) x the calls, never max_attempts x.
+an upstream's `Retry-After` is a floor, and one longer than `backoff_max_s` ends the retries
+(the error, with its Retry-After, goes back to the caller instead of a long silent wait). The
+budget is per upstream: over a sliding window, retries may add at most `budget_ratio` of the
+calls plus `budget_min_retries` (so a quiet upstream can still retry once in a while). A
+failing upstream thus receives at most (1 + budget_ratio) x calls + budget_min_retries
+attempts per window, never max_attempts x.
 """
 
 from __future__ import annotations
@@ -110,9 +112,12 @@ class Retrier:
             return self._rng.uniform(0.0, ceiling)
         return ceiling
 
-    def delay_s(self, exc: BaseException, attempt: int) -> float:
-        """Backoff, but never sooner than the upstream's Retry-After."""
+    def delay_s(self, exc: BaseException, attempt: int) -> float | None:
+        """Backoff, but never sooner than the upstream's Retry-After; None (do not retry)
+        when that Retry-After is longer than `backoff_max_s`."""
         retry_after: float | None = getattr(exc, "retry_after_s", None)
+        if retry_after is not None and retry_after > self.policy.backoff_max_s:
+            return None
         return max(self.backoff_s(attempt), retry_after or 0.0)
 
     def status(self) -> dict[str, float]:

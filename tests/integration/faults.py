@@ -3,6 +3,7 @@
 Each endpoint `/e/{name}/chat/completions` has its own behaviour, switchable while a test
 runs (from any thread): answer, fail the next N calls, always fail with a status, hang, or
 answer slowly. It counts hits, concurrent requests and requests cancelled by the caller.
+`/t/{name}` is the same endpoint as a generic JSON tool (an `http` upstream's `url`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ class FaultServer:
         self.endpoint(name)
         return f"http://127.0.0.1:{self.port}/e/{name}"
 
+    def tool_url(self, name: str) -> str:
+        """The endpoint `name` as a JSON tool: POST anything, get its JSON answer."""
+        self.endpoint(name)
+        return f"http://127.0.0.1:{self.port}/t/{name}"
+
     async def handle(self, request: web.Request) -> web.Response:
         ep = self.endpoint(request.match_info["name"])
         await request.read()
@@ -99,6 +105,7 @@ class FaultServer:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/e/{name}/chat/completions", self.handle)
+        app.router.add_post("/t/{name}", self.handle)
         self.runner, self.port = await serve_app(app)
 
     async def stop(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -97,3 +98,40 @@ def test_call_to_guarded_upstream_is_invalid(make_sidecar: SidecarFactory) -> No
     server = make_sidecar({"db": guarded()})
     with tether.Client(server.addresses[0]) as client, pytest.raises(tether.InvalidRequestError):
         client.tool("db", {})
+
+
+async def test_cancelled_guard_leaves_the_failure_count(make_sidecar: SidecarFactory) -> None:
+    """A guarded block cancelled (CancelledError) is neither a success nor a failure: the
+    breaker keeps its one failure."""
+    server = make_sidecar({"db": guarded(breaker={"fail_max": 3, "reset_timeout_s": 30})})
+    async with tether.AsyncClient(server.addresses[0]) as client:
+        with pytest.raises(ConnectionError):
+            async with client.guard("db"):
+                raise ConnectionError("db down")
+        with pytest.raises(asyncio.CancelledError):
+            async with client.guard("db"):
+                raise asyncio.CancelledError
+        status = (await client.status()).upstreams["db"]
+    assert status.gauges["breaker.failures"] == 1 and status.in_flight == 0
+
+
+def test_breaker_refused_guard_frees_its_gates(make_sidecar: SidecarFactory) -> None:
+    """A guard refused by the open breaker leaves nothing in flight, its bulkhead slot free
+    and its token reservation refunded."""
+    policies = {
+        "breaker": {"fail_max": 1, "reset_timeout_s": 30},
+        "bulkhead": {"max_in_flight": 1, "max_queue": 0},
+        "rate_limit": {"tokens_per_min": 1000, "mode": "reject"},
+    }
+    server = make_sidecar({"llm": {"kind": "model", "type": "guarded", "policies": policies}})
+    big = {"messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 200}
+    with tether.Client(server.addresses[0]) as client:
+        with pytest.raises(ConnectionError), client.guard("llm", kind="model"):
+            raise ConnectionError("down")  # no payload: no tokens; trips the breaker
+        for _ in range(5):  # ~301 tokens each: kept, they would exhaust the 1000
+            with pytest.raises(tether.CircuitOpenError), client.guard("llm", big, kind="model"):
+                pass
+        status = client.status().upstreams["llm"]
+    assert status.in_flight == 0 and status.gauges["bulkhead.in_flight"] == 0
+    assert status.gauges["rate_limit.tokens_available"] >= 999
+    assert status.gauges["breaker.rejected"] == 5

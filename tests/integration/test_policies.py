@@ -18,7 +18,9 @@ from tests.integration.faults import FaultServer
 from tests.integration.support import LoopThread
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
-FAST_RETRY = {"max_attempts": 4, "backoff_initial_s": 0.01, "backoff_max_s": 0.05}
+# A generous budget minimum: these tests count retries of single calls on a quiet upstream.
+FAST_RETRY = {"max_attempts": 4, "backoff_initial_s": 0.01, "backoff_max_s": 0.05,
+              "budget_min_retries": 3}  # fmt: skip
 
 
 @pytest.fixture
@@ -312,3 +314,108 @@ def test_stream_retries_and_falls_back_before_first_chunk(make_sidecar: SidecarF
     assert chunks and all(c["hit"] == 1 for c in chunks)
     assert (stream.summary.upstream, stream.summary.attempts) == ("backup", 3)
     assert status.upstreams["down"].hits == 2 and status.upstreams["down"].fallbacks == 1
+
+
+def test_retry_after_is_honoured(make_sidecar: SidecarFactory, faults: FaultServer) -> None:
+    """A 503 with Retry-After 0.3 is retried no sooner than 0.3 s later."""
+    retry = {**FAST_RETRY, "backoff_max_s": 1.0}
+    server = make_sidecar({"u": upstream(faults, "u", retry=retry, breaker=None)})
+    ep = faults.endpoint("u")
+    ep.fail_next, ep.retry_after = 1, "0.3"
+    with tether.Client(server.addresses[0]) as client:
+        client.status()
+        started = time.perf_counter()
+        result = client.model("u", CHAT)
+        elapsed = time.perf_counter() - started
+    assert ep.hits == 2 and result.attempts == 2
+    assert elapsed >= 0.3
+
+
+def test_long_retry_after_ends_the_retries(
+    make_sidecar: SidecarFactory, faults: FaultServer
+) -> None:
+    """Without a deadline, a Retry-After beyond backoff_max_s is not slept: the error, with
+    its delay, goes back to the caller after one attempt."""
+    server = make_sidecar({"u": upstream(faults, "u", retry=FAST_RETRY, breaker=None)})
+    ep = faults.endpoint("u")
+    ep.fail_status, ep.retry_after = 503, "30"
+    with tether.Client(server.addresses[0]) as client:
+        client.status()
+        started = time.perf_counter()
+        with pytest.raises(tether.UpstreamUnavailableError) as info:
+            client.model("u", CHAT)
+        assert time.perf_counter() - started < 0.5
+    assert ep.hits == 1 and info.value.retry_after_s == pytest.approx(30.0)
+
+
+@pytest.mark.parametrize(("idempotent", "hits"), [(False, 1), (True, 4)])
+def test_tools_are_retried_only_when_idempotent(
+    make_sidecar: SidecarFactory, faults: FaultServer, idempotent: bool, hits: int
+) -> None:
+    """A tool upstream failing with 503 is retried only when marked `idempotent: true`."""
+    tool = {"kind": "tool", "type": "http", "url": faults.tool_url("t"), "idempotent": idempotent,
+            "policies": {"retry": FAST_RETRY, "breaker": None}}  # fmt: skip
+    server = make_sidecar({"t": tool})
+    faults.endpoint("t").fail_status = 503
+    with tether.Client(server.addresses[0]) as client:
+        with pytest.raises(tether.UpstreamUnavailableError):
+            client.tool("t", {"q": 1})
+        assert client.status().upstreams["t"].retries == hits - 1
+    assert faults.endpoint("t").hits == hits
+
+
+def test_backoff_never_sleeps_past_the_deadline(
+    make_sidecar: SidecarFactory, faults: FaultServer
+) -> None:
+    """A Retry-After longer than what is left of the deadline ends the call at once with the
+    upstream's error, not DEADLINE_EXCEEDED once the deadline has passed."""
+    retry = {**FAST_RETRY, "backoff_max_s": 5.0}
+    server = make_sidecar({"u": upstream(faults, "u", retry=retry, breaker=None)})
+    ep = faults.endpoint("u")
+    ep.fail_status, ep.retry_after = 503, "1"
+    with tether.Client(server.addresses[0]) as client:
+        client.status()
+        started = time.perf_counter()
+        with pytest.raises(tether.UpstreamUnavailableError):
+            client.model("u", CHAT, timeout_s=0.3)
+        elapsed = time.perf_counter() - started
+    assert elapsed < 0.25 and ep.hits == 1
+
+
+def test_breaker_tripping_mid_retry_returns_the_upstream_error(
+    make_sidecar: SidecarFactory, faults: FaultServer
+) -> None:
+    """When an attempt trips the breaker, the call ends with that upstream error and its
+    attempts, not a CircuitOpenError after one more backoff; only real retries count."""
+    breaker = {"fail_max": 2, "reset_timeout_s": 30}
+    server = make_sidecar({"u": upstream(faults, "u", retry=FAST_RETRY, breaker=breaker)})
+    faults.endpoint("u").fail_status = 503
+    with tether.Client(server.addresses[0]) as client:
+        with pytest.raises(tether.UpstreamUnavailableError) as info:
+            client.model("u", CHAT)
+        status = client.status().upstreams["u"]
+    assert info.value.metadata["attempts"] == "2" and faults.endpoint("u").hits == 2
+    assert status.breaker_state == "open" and status.retries == 1
+    assert status.gauges["breaker.rejected"] == 0
+
+
+def test_refused_primary_stream_counts_only_admitted_attempts(
+    make_sidecar: SidecarFactory,
+) -> None:
+    """A stream refused by the primary's open breaker and served by the fallback reports one
+    attempt, like a unary call."""
+    server = make_sidecar({
+        "down": {"kind": "model", "type": "mock", "failure_rate": 1.0,
+                 "policies": {"retry": None, "breaker": {"fail_max": 1, "reset_timeout_s": 30},
+                              "fallback": ["backup"]}},
+        "backup": {"kind": "model", "type": "mock"},
+    })  # fmt: skip
+    with tether.Client(server.addresses[0]) as client:
+        first = client.stream_model("down", CHAT)
+        list(first)
+        second = client.stream_model("down", CHAT)
+        list(second)
+        unary = client.model("down", CHAT)
+    assert (first.summary.upstream, first.summary.attempts) == ("backup", 2)
+    assert (second.summary.upstream, second.summary.attempts) == ("backup", 1)
+    assert (unary.upstream, unary.attempts) == ("backup", 1)

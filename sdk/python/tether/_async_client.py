@@ -96,11 +96,13 @@ class AsyncGuard:
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
-        self.state.call_id = answer.call_id
+        self.state.take_begin(answer)
         return self.state
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         state, client = self.state, self._client
+        if state.replayed:
+            return  # the journal already holds the outcome
         request = end_request(state.call_id, exc, state.result, state.usage)
         try:
             await client._stub.EndCall(request, timeout=10.0, metadata=client._metadata)

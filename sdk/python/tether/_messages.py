@@ -221,15 +221,43 @@ def begin_request(upstream: str, kind: int, operation: str, payload: Any, **ids:
     return pb.BeginCallRequest(**_request_fields(upstream, kind, operation, payload, **ids))
 
 
-TRANSIENT_ERRORS = (ConnectionError, TimeoutError)
+TRANSIENT_ERRORS: Final = (OSError, TimeoutError)  # OSError covers ConnectionError, sockets
+# Transport failures of common HTTP clients, matched by class name (the SDK imports none):
+# httpx, aiohttp, requests. A class counts when it or any of its bases has one of these names.
+TRANSIENT_NAMES: Final = frozenset({
+    "ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout",
+    "TimeoutException", "TransportError", "NetworkError", "RemoteProtocolError",  # httpx
+    "ServerDisconnectedError", "ClientConnectionError", "ClientOSError",
+    "ServerTimeoutError",  # aiohttp
+    "ConnectionError", "Timeout", "ChunkedEncodingError",  # requests
+})  # fmt: skip
+# A block that did not finish (CancelledError, KeyboardInterrupt, GeneratorExit...): neither
+# success nor failure of the dependency. The sidecar reads this type (and status) as neutral.
+CANCELLED_TYPE: Final = "cancelled"
+CANCELLED_STATUS: Final = 499
+
+
+def _int_attr(obj: object, attr: str) -> int:
+    value = getattr(obj, attr, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _error_status(exc: BaseException) -> int:
-    for attr in ("status_code", "status"):
-        value = getattr(exc, attr, None)
-        if isinstance(value, int):
-            return value
+    """An HTTP status the exception carries: `status_code` or `status`, on it or on its
+    `response` (httpx, requests, aiohttp); 0 when none."""
+    response = getattr(exc, "response", None)
+    for obj in (exc, response) if response is not None else (exc,):
+        for attr in ("status_code", "status"):
+            if status := _int_attr(obj, attr):
+                return status
     return 0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` says the dependency failed (connection, timeout), not the call."""
+    if bool(getattr(exc, "retryable", False)) or isinstance(exc, TRANSIENT_ERRORS):
+        return True
+    return any(cls.__name__ in TRANSIENT_NAMES for cls in type(exc).__mro__)
 
 
 def end_request(
@@ -238,7 +266,10 @@ def end_request(
     """The EndCallRequest reporting a guarded call's result or the exception it raised.
 
     An exception counts as transient (an upstream failure) when it is a connection error or
-    timeout, has `retryable = True`, or carries an HTTP-like status of 5xx, 408 or 429.
+    timeout (OSError, TimeoutError, or an HTTP client's transport error, by class name), has
+    `retryable = True`, or carries an HTTP-like status of 5xx, 408 or 429. A BaseException
+    that is not an Exception (cancellation, KeyboardInterrupt) is reported as `cancelled`
+    (status 499), which counts neither way.
     """
     usage_pb = (
         pb.Usage(
@@ -252,28 +283,54 @@ def end_request(
     if exc is None:
         payload = b"" if result is None else encode_payload(result)
         return pb.EndCallRequest(call_id=call_id, payload=payload, usage=usage_pb)
-    status = _error_status(exc)
-    retryable = bool(getattr(exc, "retryable", False)) or isinstance(exc, TRANSIENT_ERRORS)
-    error = pb.CallError(
-        type=type(exc).__name__, message=str(exc)[:1000], status=status, retryable=retryable
-    )
+    message = f"{type(exc).__name__}: {exc}"[:1000]
+    if not isinstance(exc, Exception):
+        error = pb.CallError(type=CANCELLED_TYPE, message=message, status=CANCELLED_STATUS)
+    else:
+        error = pb.CallError(
+            type=type(exc).__name__,
+            message=str(exc)[:1000],
+            status=_error_status(exc),
+            retryable=is_transient(exc),
+        )
     return pb.EndCallRequest(call_id=call_id, error=error, usage=usage_pb)
 
 
 class GuardState:
-    """What a guarded block reports: call `set_result` (and `set_usage`) inside it."""
+    """A guarded block's view of its call: call `set_result` inside it.
 
-    __slots__ = ("call_id", "result", "usage")
+    When `replayed` is true the journal already holds this call's outcome (a resumed run):
+    `result` is the journaled result (parsed JSON when it is JSON) or `error` the journaled
+    failure, and the block should not repeat the call's effect.
+    """
+
+    __slots__ = ("call_id", "error", "replayed", "result", "usage")
 
     def __init__(self) -> None:
         self.call_id = ""
         self.result: Any = None
         self.usage: Usage | None = None
+        self.replayed = False
+        self.error: str | None = None
 
     def set_result(self, result: Any, usage: Usage | None = None) -> None:
-        """The call's result (journaled once the journal lands) and its token usage."""
+        """The call's result (journaled when the block ends) and its token usage."""
         self.result = result
         self.usage = usage
+
+    def take_begin(self, answer: pb.BeginCallResponse) -> None:
+        self.call_id = answer.call_id
+        if not answer.replayed:
+            return
+        self.replayed = True
+        self.usage = Usage.from_pb(answer.usage)
+        if answer.HasField("error"):
+            self.error = f"{answer.error.type}: {answer.error.message}"
+            return
+        try:
+            self.result = orjson.loads(answer.payload) if answer.payload else None
+        except orjson.JSONDecodeError:
+            self.result = answer.payload
 
 
 @dataclass(frozen=True, slots=True)

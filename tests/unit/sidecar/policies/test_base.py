@@ -9,13 +9,12 @@ import pytest
 from sidecar import errors
 from sidecar.policies.base import (
     NEUTRAL,
-    NULL_PERMIT,
     SUCCESS,
     UPSTREAM_SIDE_4XX,
     Outcome,
     Verdict,
-    is_cancellation,
     outcome_of,
+    succeeded,
     verdict_of,
 )
 from sidecar.upstreams.base import Usage
@@ -119,14 +118,8 @@ def test_outcome_constants_and_usage() -> None:
         outcome.verdict = Verdict.FAILURE  # type: ignore[misc]
 
 
-def test_is_cancellation() -> None:
-    """Only asyncio.CancelledError is a cancellation."""
-    assert is_cancellation(asyncio.CancelledError())
-    assert not is_cancellation(TimeoutError())
-    assert not is_cancellation(errors.UpstreamTimeoutError("slow", upstream=UP))
-
-
-def test_null_permit_release_is_a_no_op() -> None:
-    """The permit of an unconfigured gate can be released any number of times."""
-    NULL_PERMIT.release(SUCCESS)
-    NULL_PERMIT.release(Outcome(Verdict.FAILURE, RuntimeError("x")))
+def test_succeeded_shares_success_without_usage() -> None:
+    """`succeeded` reuses the SUCCESS constant when no usage was reported."""
+    assert succeeded(None) is SUCCESS
+    usage = Usage(input_tokens=1, output_tokens=2)
+    assert succeeded(usage) == Outcome(Verdict.SUCCESS, usage=usage)

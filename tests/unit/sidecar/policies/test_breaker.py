@@ -263,3 +263,42 @@ async def test_releasing_a_permit_twice_counts_once() -> None:
     second.release(SUCCESS)
     second.release(FAILURE)
     assert b.state == "closed" and b.failures == 0
+
+
+async def test_stale_probe_takes_no_slot_in_the_next_half_open_window() -> None:
+    """A probe still in flight when its half-open window ended (another probe failed) does
+    not hold a slot of the next window, nor free one when it finally ends."""
+    clock = ManualClock()
+    b = tripped(clock, fail_max=1, half_open_probes=2)
+    await clock.advance(30.0)
+    failing, stale = b.admit(), b.admit()
+    failing.release(FAILURE)  # re-opens: a new epoch
+    assert b.state == "open" and b._probes == 0
+    await clock.advance(30.0)
+    window = [b.admit(), b.admit()]  # both slots of the new window are free
+    assert b.state == "half_open" and b._probes == 2
+    stale.release(SUCCESS)  # late, from the old window: frees nothing, closes nothing
+    assert b._probes == 2 and b.state == "half_open"
+    with pytest.raises(errors.CircuitOpenError):
+        b.admit()
+    window[0].release(SUCCESS)
+    assert b.state == "closed" and b._probes == 0
+    window[1].release(SUCCESS)
+    assert b._probes == 0
+
+
+async def test_refuses_tells_whether_an_attempt_would_be_refused() -> None:
+    """`refuses(within_s)`: open with more than within_s left, or half-open with its probes
+    taken; it changes nothing."""
+    clock = ManualClock()
+    b = breaker(clock, fail_max=1, reset_timeout_s=10.0)
+    assert not b.refuses()
+    fail(b)
+    assert b.refuses() and b.refuses(9.9) and not b.refuses(10.0)
+    assert b.rejected == 0 and b.state == "open"
+    await clock.advance(10.0)
+    assert not b.refuses()
+    probe = b.admit()
+    assert b.refuses()  # half-open, its one probe in flight
+    probe.release(SUCCESS)
+    assert not b.refuses() and b.state == "closed"

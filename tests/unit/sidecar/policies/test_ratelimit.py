@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sidecar import errors
+from sidecar import errors, status
 from sidecar.config import RateLimitPolicy
 from sidecar.policies.base import SUCCESS, Outcome, Verdict
 from sidecar.policies.clock import ManualClock
@@ -252,3 +252,27 @@ def test_estimate_tokens_not_a_dict() -> None:
     assert estimate_tokens(None) == 0
     assert estimate_tokens([1, 2, 3]) == 0
     assert estimate_tokens("hello") == 0
+
+
+async def test_estimate_above_the_whole_token_bucket_is_refused_at_once() -> None:
+    """A call estimated above tokens_per_min could never be admitted: it is refused at once,
+    in either mode, with no retry delay, and takes nothing from either bucket."""
+    clock = ManualClock()
+    for mode in ("wait", "reject"):
+        rl = limiter(clock, requests_per_s=1.0, burst=2.0, tokens_per_min=600, mode=mode)
+        assert rl.requests is not None and rl.tokens is not None
+        with pytest.raises(errors.RateLimitedError) as info:
+            await rl.admit(601, no_deadline(clock))
+        assert info.value.retry_after_s is None
+        assert "estimated 601 tokens exceed tokens_per_min (600)" in info.value.message
+        assert rl.rejected == 1 and clock.sleepers == 0
+        assert rl.requests.available() == pytest.approx(2.0)
+        assert rl.tokens.available() == pytest.approx(600)
+        await rl.admit(600, no_deadline(clock))  # the whole bucket is still fine
+
+
+def test_refusal_without_delay_has_no_retry_info() -> None:
+    """The gRPC status of such a refusal carries no RetryInfo."""
+    exc = errors.RateLimitedError("too big", upstream=UP)
+    _code, _message, rich = status.to_rich_status(exc)
+    assert all("RetryInfo" not in detail.type_url for detail in rich.details)

@@ -212,3 +212,19 @@ def test_retrier_status_and_budget_from_policy() -> None:
         r.budget.try_spend()
     assert r.status()["retry.budget_exhausted"] == 1.0
     assert r.status()["retry.budget_left"] == 0.0
+
+
+def test_retry_after_beyond_backoff_max_means_no_retry() -> None:
+    """A Retry-After longer than backoff_max_s is not slept: `delay_s` is None."""
+    r = retrier(jitter="none", backoff_initial_s=0.5, backoff_max_s=10.0)
+    assert r.delay_s(unavailable(503, retry_after_s=10.5), 1) is None
+    assert r.delay_s(client(429, retry_after_s=10.0), 1) == 10.0
+
+
+def test_default_budget_minimum_is_one_retry_per_window() -> None:
+    """The default budget lets a quiet upstream retry once per window, not max_attempts - 1
+    times: (1 + ratio) x calls + 1 attempts per window at most."""
+    r = retrier()
+    assert r.policy.budget_min_retries == 1
+    r.budget.record_call()
+    assert r.budget.try_spend() and not r.budget.try_spend()
