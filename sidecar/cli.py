@@ -60,9 +60,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sidecar.server import AddressInUseError, run
     from sidecar.telemetry.logging import setup_logging
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, "text")
     try:
         config = _load(args.config)
+        setup_logging(args.log_level, config.telemetry.log_format)
         return run(config)
     except ConfigError as error:
         _print_problems(error)
@@ -173,6 +174,20 @@ def _runs_resolve(client: Any, args: argparse.Namespace) -> int:
 RUNS = {"list": _runs_list, "show": _runs_show, "resolve": _runs_resolve}
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    """A live terminal view of a running sidecar's golden signals."""
+    import tether
+    from sidecar.top import run_top
+
+    try:
+        return run_top(args.address, args.metrics, args.interval_s, args.once)
+    except tether.TetherError as error:
+        print(f"tether: cannot read the sidecar's status: {error.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start the sidecar on embedded defaults, run the demo agent through it, stop it."""
     from sidecar.demo import run_demo
@@ -197,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--address", help="sidecar address (default: $TETHER_ADDRESS)")
     status.add_argument("--timeout-s", type=float, default=5.0)
     status.set_defaults(func=cmd_status)
+
+    top = sub.add_parser("top", help="live view of a running sidecar (rates, breakers, latency)")
+    top.add_argument("--address", help="sidecar address (default: $TETHER_ADDRESS)")
+    top.add_argument(
+        "--metrics", help="metrics URL for latency, e.g. http://127.0.0.1:9464/metrics"
+    )
+    top.add_argument("--interval-s", type=float, default=1.0)
+    top.add_argument("--once", action="store_true", help="print one reading and exit")
+    top.set_defaults(func=cmd_top)
 
     runs = sub.add_parser("runs", help="inspect the journal: list, show, resolve")
     runs.add_argument("--address", help="sidecar address (default: $TETHER_ADDRESS)")

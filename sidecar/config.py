@@ -307,6 +307,26 @@ class JournalConfig(_Model):
         return self.backend != "none"
 
 
+class Price(_Model):
+    """What a model costs, in US dollars per million tokens."""
+
+    input_per_1m_usd: float = Field(ge=0)
+    output_per_1m_usd: float = Field(ge=0)
+
+
+class TelemetryConfig(_Model):
+    """Traces (OTLP, configured by the standard OTEL_* variables), logs and cost estimates."""
+
+    # auto: on when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set
+    traces: Literal["auto", "on", "off"] = "auto"
+    # prompt and completion text in spans; null: OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT
+    capture_content: bool | None = None
+    log_format: Literal["json", "text"] = "json"
+    log_calls: bool = False  # one info line per finished call
+    # by request model name; "*" applies to models not listed
+    prices: dict[str, Price] = Field(default_factory=dict)
+
+
 class Config(_Model):
     """The whole configuration file."""
 
@@ -316,6 +336,7 @@ class Config(_Model):
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     auth: AuthConfig | None = None
     journal: JournalConfig = Field(default_factory=JournalConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     @field_validator("upstreams")
     @classmethod

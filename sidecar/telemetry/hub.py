@@ -1,0 +1,81 @@
+"""The sidecar's telemetry in one object: metrics, tracer, content capture, prices, secrets."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export import SpanExporter
+
+from sidecar.config import Config, resolve_secret
+from sidecar.telemetry.calls import TracedCall
+from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.tracing import Tracing, tracing_wanted
+from sidecar.upstreams.base import UpstreamRequest, Usage
+
+log = logging.getLogger("tether.sidecar.telemetry")
+
+CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+
+
+def config_secrets(config: Config) -> list[str]:
+    """Every secret value the configuration names (API keys, secret headers, the token)."""
+    found = []
+    for name, spec in config.upstreams.items():
+        env = getattr(spec, "api_key_env", None)
+        if env and os.environ.get(env):
+            found.append(resolve_secret(env, what=f"upstreams.{name}.api_key_env"))
+        for header, var in (getattr(spec, "headers_env", None) or {}).items():
+            if os.environ.get(var):
+                found.append(resolve_secret(var, what=f"upstreams.{name}.headers_env.{header}"))
+    if config.auth and os.environ.get(config.auth.token_env):
+        found.append(resolve_secret(config.auth.token_env, what="auth.token_env"))
+    return [s for s in found if s]
+
+
+class Telemetry:
+    """Metrics always; traces when wanted (see `tracing`); one per sidecar."""
+
+    def __init__(self, config: Config, *, exporter: SpanExporter | None = None) -> None:
+        settings = config.telemetry
+        self.metrics = Metrics()
+        wanted = tracing_wanted(settings.traces) or exporter is not None
+        self.tracing = Tracing(self.metrics, enabled=wanted, exporter=exporter)
+        self.tracer = self.tracing.tracer
+        capture = settings.capture_content
+        if capture is None:
+            capture = os.environ.get(CAPTURE_ENV, "").lower() == "true"
+        self.capture_content = capture
+        self.log_calls = settings.log_calls
+        self.prices = settings.prices
+        self.routes: dict[str, Any] = {}
+        self._secrets = sorted(config_secrets(config), key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        """`text` with every configured secret replaced by `***`."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def cost(self, model: str, usage: Usage) -> float:
+        """Estimated US dollars for `usage` of `model` (0 without a price)."""
+        price = self.prices.get(model) or self.prices.get("*")
+        if price is None:
+            return 0.0
+        return (usage.input_tokens * price.input_per_1m_usd
+                + usage.output_tokens * price.output_per_1m_usd) / 1e6  # fmt: skip
+
+    def call(self, route: Any, request: UpstreamRequest, *, rpc: str, stream: bool,
+             metadata: Any) -> TracedCall:  # fmt: skip
+        return TracedCall(self, route, request, rpc=rpc, stream=stream, metadata=metadata)
+
+    def breaker_transition(self, upstream: str, old: str, new: str) -> None:
+        self.metrics.breaker_transitions.labels(upstream, old, new).inc()
+        trace.get_current_span().add_event(
+            "breaker.state_change", {"tether.upstream": upstream, "from": old, "to": new}
+        )
+
+    def shutdown(self) -> None:
+        self.tracing.shutdown()

@@ -1,0 +1,147 @@
+"""OpenTelemetry traces: set-up from the standard OTEL_* variables, export that never blocks.
+
+Spans go to a BatchSpanProcessor (a bounded queue drained by a background thread) and an
+OTLP exporter (`OTEL_EXPORTER_OTLP_PROTOCOL`: grpc, the default, or http/protobuf;
+endpoint, headers, timeout and sampler from the usual variables). A slow or absent collector
+therefore never slows a call: when the queue is full or an export fails, spans are dropped
+and counted in `tether_telemetry_spans_dropped_total`, and a warning is logged once per
+incident.
+
+Tracing is on when `telemetry.traces` is `on`, or `auto` (the default) and an OTLP endpoint
+is configured (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), and
+`OTEL_SDK_DISABLED` is not true.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+
+from sidecar import __version__
+from sidecar.telemetry.metrics import Metrics
+
+log = logging.getLogger("tether.sidecar.telemetry")
+
+DEFAULT_SERVICE_NAME = "tether-sidecar"
+ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+PROTOCOL_VARS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+
+
+def tracing_wanted(mode: str, env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+    """Whether to trace: `on`, or `auto` with an OTLP endpoint set; never when disabled."""
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true" or mode == "off":
+        return False
+    return mode == "on" or any(env.get(name) for name in ENDPOINT_VARS)
+
+
+def make_exporter() -> SpanExporter:
+    """The OTLP span exporter the OTEL_* variables ask for (grpc unless http/protobuf)."""
+    protocol = next((os.environ[v] for v in PROTOCOL_VARS if os.environ.get(v)), "grpc")
+    if protocol.startswith("http"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+        OTLPSpanExporter as GrpcExporter,
+    )
+
+    return GrpcExporter()
+
+
+class _Drops:
+    """Counts dropped spans; logs once per incident (until an export succeeds again)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._incident = False
+
+    def dropped(self, count: int, why: str) -> None:
+        self._metrics.spans_dropped.inc(count)
+        with self._lock:
+            first, self._incident = not self._incident, True
+        if first:
+            log.warning("telemetry: dropping spans (%s); calls are not affected", why)
+
+    def recovered(self) -> None:
+        if self._incident:
+            with self._lock:
+                self._incident = False
+            log.info("telemetry: span export works again")
+
+
+class CountingExporter(SpanExporter):
+    """Wraps an exporter: failed batches are counted as dropped spans."""
+
+    def __init__(self, inner: SpanExporter, drops: _Drops) -> None:
+        self._inner = inner
+        self._drops = drops
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self._inner.export(spans)
+        except Exception as exc:  # the exporter must never take the worker down
+            result = SpanExportResult.FAILURE
+            log.debug("span export raised %r", exc)
+        if result is SpanExportResult.SUCCESS:
+            self._drops.recovered()
+        else:
+            self._drops.dropped(len(spans), "the collector is unreachable or refused them")
+        return result
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+class CountingBatchProcessor(BatchSpanProcessor):
+    """A BatchSpanProcessor that counts the spans it drops because its queue is full."""
+
+    def __init__(self, exporter: SpanExporter, drops: _Drops, **options: Any) -> None:
+        super().__init__(exporter, **options)
+        self._drops = drops
+        self._max_queue = int(options.get("max_queue_size") or 2048)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        queue = getattr(getattr(self, "_batch_processor", None), "_queue", None)
+        if queue is not None and len(queue) >= self._max_queue:
+            self._drops.dropped(1, "the export queue is full")
+        super().on_end(span)
+
+
+class Tracing:
+    """The sidecar's tracer: a real one when tracing is on, else OpenTelemetry's no-op."""
+
+    def __init__(self, metrics: Metrics, *, enabled: bool, exporter: SpanExporter | None = None):
+        self.enabled = enabled
+        self.provider: TracerProvider | None = None
+        if not enabled:
+            self.tracer: trace.Tracer = trace.NoOpTracer()
+            return
+        service = os.environ.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME
+        resource = Resource.create({"service.name": service, "service.version": __version__})
+        self.provider = TracerProvider(resource=resource)
+        drops = _Drops(metrics)
+        counted = CountingExporter(exporter or make_exporter(), drops)
+        self.provider.add_span_processor(CountingBatchProcessor(counted, drops))
+        self.tracer = self.provider.get_tracer("tether.sidecar", __version__)
+        logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
+
+    def shutdown(self) -> None:
+        """Flush what can be flushed (bounded by the exporter's timeout) and stop."""
+        if self.provider is not None:
+            self.provider.shutdown()

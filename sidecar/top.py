@@ -1,0 +1,112 @@
+"""`tether top`: the golden signals of a running sidecar in the terminal, for those without
+Grafana. Reads `GetStatus` every interval (rates come from the difference of two readings),
+and, with `--metrics URL`, latency percentiles from the Prometheus histogram.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+import tether
+
+BREAKER_STYLE = {"closed": "green", "half_open": "yellow", "open": "bold red", "disabled": "dim"}
+LATENCY = "gen_ai_client_operation_duration_seconds"
+
+
+@dataclass
+class Reading:
+    at: float
+    status: tether.Status
+    buckets: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+
+
+def histogram_buckets(url: str) -> dict[str, list[tuple[float, float]]]:
+    """Cumulative latency buckets per upstream, from a Prometheus text endpoint."""
+    with urllib.request.urlopen(url, timeout=2) as response:
+        text = response.read().decode()
+    by_upstream: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != LATENCY:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                upstream = sample.labels.get("tether_upstream", "?")
+                bound = float(sample.labels["le"])
+                merged = by_upstream.setdefault(upstream, {})
+                merged[bound] = merged.get(bound, 0.0) + sample.value
+    return {u: sorted(b.items()) for u, b in by_upstream.items()}
+
+
+def quantile(q: float, now: list[tuple[float, float]], before: list[tuple[float, float]]) -> float:
+    """The q-quantile of the observations between two readings of cumulative buckets."""
+    old = dict(before)
+    counts = [(bound, value - old.get(bound, 0.0)) for bound, value in now]
+    total = counts[-1][1] if counts else 0.0
+    if total <= 0:
+        return float("nan")
+    rank, previous = q * total, 0.0
+    for bound, cumulative in counts:
+        if cumulative >= rank:
+            return bound if bound != float("inf") else previous
+        previous = bound
+    return previous
+
+
+def table(now: Reading, before: Reading) -> Group:
+    seconds = max(now.at - before.at, 1e-9)
+    status = now.status
+    head = Text(
+        f"tether {status.version}  config {status.config_version}  "
+        f"{'serving' if status.serving else 'NOT SERVING'}  in flight {status.in_flight}"
+    )
+    grid = Table(expand=True)
+    for column in ("upstream", "breaker", "calls/s", "errors/s", "p50 ms", "p99 ms", "in flight",
+                   "queued", "retries", "budget", "fallbacks", "refused"):  # fmt: skip
+        grid.add_column(column, justify="left" if column in ("upstream", "breaker") else "right")
+    for name, up in status.upstreams.items():
+        old = before.status.upstreams.get(name, up)
+        p50 = p99 = float("nan")
+        if name in now.buckets:
+            p50 = quantile(0.5, now.buckets[name], before.buckets.get(name, []))
+            p99 = quantile(0.99, now.buckets[name], before.buckets.get(name, []))
+        style = BREAKER_STYLE.get(up.breaker_state, "")
+        budget = up.gauges.get("retry.budget_left")
+        grid.add_row(
+            name, Text(up.breaker_state, style=style),
+            f"{(up.calls - old.calls) / seconds:.1f}", f"{(up.errors - old.errors) / seconds:.1f}",
+            _ms(p50), _ms(p99), str(up.in_flight), str(up.queued), str(up.retries),
+            "-" if budget is None else f"{budget:.1f}", str(up.fallbacks), str(up.rejected),
+        )  # fmt: skip
+    return Group(head, grid)
+
+
+def _ms(seconds: float) -> str:
+    return "-" if seconds != seconds else f"{seconds * 1000:.0f}"  # NaN: no data
+
+
+def read(client: tether.Client, metrics_url: str | None) -> Reading:
+    buckets = histogram_buckets(metrics_url) if metrics_url else {}
+    return Reading(time.monotonic(), client.status(), buckets)
+
+
+def run_top(address: str | None, metrics_url: str | None, interval_s: float, once: bool) -> int:
+    with tether.Client(address, timeout_s=5) as client:
+        before = read(client, metrics_url)
+        if once:
+            time.sleep(interval_s)
+            Console().print(table(read(client, metrics_url), before))
+            return 0
+        with Live(table(before, before), refresh_per_second=4, screen=False) as live:
+            while True:
+                time.sleep(interval_s)
+                now = read(client, metrics_url)
+                live.update(table(now, before))
+                before = now
