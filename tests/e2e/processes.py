@@ -14,11 +14,14 @@ import yaml
 import tether
 
 
-def write_config(directory: Path, upstreams: dict[str, Any], **extra: Any) -> tuple[Path, str]:
-    """A config file in `directory` listening on a unix socket there; returns (file, address)."""
+def write_config(
+    directory: Path, upstreams: dict[str, Any], *, metrics: str | None = None, **extra: Any
+) -> tuple[Path, str]:
+    """A config file in `directory` listening on a unix socket there (and serving /metrics on
+    `metrics`, host:port, when given); returns (file, address)."""
     address = f"unix:{directory}/tether.sock"
     extra["journal"] = {"path": str(directory / "journal.db"), **extra.get("journal", {})}
-    data = {"listen": {"grpc": address, "metrics": None}, "upstreams": upstreams, **extra}
+    data = {"listen": {"grpc": address, "metrics": metrics}, "upstreams": upstreams, **extra}
     path = directory / "tether.yaml"
     path.write_text(yaml.safe_dump(data))
     return path, address
