@@ -4,8 +4,14 @@
 then runs the same gates as a proxied call (rate limit, bulkhead, breaker) and hands out a
 `call_id`; `end` reports the outcome to the gates and the journal. A call whose `end` never
 comes (the agent died) is released as neutral when its lease, the upstream's per-attempt
-timeout, runs out, so a crashed agent cannot hold bulkhead slots or half-open probes forever;
-its journal entry stays in doubt unless the upstream is idempotent.
+timeout, runs out, so a crashed agent cannot hold bulkhead slots or half-open probes forever.
+
+For the journal, an admitted guarded call counts one attempt: from then on the agent may have
+executed it. So for a non-idempotent upstream, a call whose end never comes (lease expired),
+whose block was cancelled, or that failed transiently without a status (a connection error, a
+timeout: the request may have got through) stays in doubt (OUTCOME_UNKNOWN until resolved).
+An outcome the agent reported otherwise is known and journaled: a result; an error with a
+status or a permanent one, FAILED (replayed as it is unless retryable, like a proxied call).
 """
 
 from __future__ import annotations
@@ -75,8 +81,13 @@ def outcome_of_end(request: pb.EndCallRequest) -> Outcome:
     failure = GuardedCallError(f"{error.type or 'error'}: {error.message}")
     if error.type == CANCELLED_TYPE or error.status == CANCELLED_STATUS:
         return Outcome(Verdict.NEUTRAL, failure, usage)
-    failed = error.retryable or error.status >= 500 or error.status in UPSTREAM_SIDE_4XX
-    return Outcome(Verdict.FAILURE if failed else Verdict.SUCCESS, failure, usage)
+    return Outcome(Verdict.FAILURE if transient_error(error) else Verdict.SUCCESS, failure, usage)
+
+
+def transient_error(error: pb.CallError) -> bool:
+    """A failure of the dependency (counted against it, and run again on replay), as for
+    proxied calls: reported retryable, or a 5xx, 408 or 429 status."""
+    return error.retryable or error.status >= 500 or error.status in UPSTREAM_SIDE_4XX
 
 
 def replayed_begin(entry: Entry, key: str) -> pb.BeginCallResponse:
@@ -106,8 +117,17 @@ def completion_of_end(request: pb.EndCallRequest, claim: Claim) -> Completion:
         )
     e = request.error
     stored = StoredError("UNKNOWN", e.type or "error", e.message, {"status": str(e.status)},
-                         e.retryable)  # fmt: skip
+                         transient_error(e))  # fmt: skip
     return Completion(State.FAILED, answered_by=claim.ident.upstream, error=stored)
+
+
+def in_doubt(request: pb.EndCallRequest, claim: Claim) -> bool:
+    """Whether a reported error leaves a non-idempotent call in doubt: transient and without
+    a status (a connection error or timeout in the agent's client may have reached the
+    dependency). An error with a status was an answer; a permanent one is replayed as is."""
+    if claim.idempotent or request.WhichOneof("outcome") != "error":
+        return False
+    return request.error.retryable and not request.error.status
 
 
 class GuardedCalls:
@@ -168,6 +188,8 @@ class GuardedCalls:
         guarded.lease = loop.call_later(route.attempt_timeout_s, self._expire, call_id)
         route.in_flight += 1
         self._calls[call_id] = guarded
+        if claim is not None:
+            claim.trace.attempts = 1  # the agent may execute it from now on
         return call_id
 
     async def end(self, request: pb.EndCallRequest) -> None:
@@ -186,8 +208,8 @@ class GuardedCalls:
         claim = guarded.claim
         if claim is None:
             return
-        if outcome.verdict is Verdict.NEUTRAL:  # the agent's block was cancelled mid-call
-            await claim.abandon()
+        if outcome.verdict is Verdict.NEUTRAL or in_doubt(request, claim):
+            await claim.abandon()  # in doubt, unless the upstream is idempotent
         else:
             await claim.settle(completion_of_end(request, claim))
 

@@ -14,7 +14,9 @@
   full-jitter backoff that honours Retry-After. When the breaker would refuse the next
   attempt (it tripped on this one), the last upstream error is returned at once.
 - fallback: when the upstream is open, rate limited, overloaded, or failed after its
-  retries, the next upstream in `policies.fallback` takes the call with its own gates.
+  retries, the next upstream in `policies.fallback` takes the call with its own gates; but
+  never after a failure that may have executed on a non-idempotent upstream (a timeout, a
+  reset: `may_have_executed`), which would risk doing its effect twice.
 
 This module only composes the policies in `sidecar/policies/`.
 """
@@ -52,6 +54,9 @@ class Route:
         self.upstream = upstream
         self.attempt_timeout_s = spec.attempt_timeout_s
         self.idempotent = spec.is_idempotent
+        # How the journal treats a call to this route: idempotent only if the route and
+        # every fallback that may take the call are (set by `Pipeline`).
+        self.journal_idempotent = spec.is_idempotent
         self.fallback_names = list(policies.fallback)
         self.fallbacks: list[Route] = []
         self.candidates: list[Route] = [self]  # itself, then its fallbacks in order
@@ -124,6 +129,7 @@ class Pipeline:
         for route in self.routes.values():
             route.fallbacks = [self.routes[n] for n in route.fallback_names]
             route.candidates = [route, *route.fallbacks]
+            route.journal_idempotent = all(c.idempotent for c in route.candidates)
 
     def deadline(self, timeout_s: float | None) -> Deadline:
         return Deadline.after(self.clock, timeout_s)
@@ -160,10 +166,12 @@ class Pipeline:
             trace = CallTrace()
         start = trace.attempts
         for target in route.candidates:
+            before = trace.attempts
             try:
                 result = await self._call_route(target, request, deadline, trace)
             except errors.SidecarError as exc:
-                if not self._next_candidate(route, target, exc, deadline):
+                tried = trace.attempts - before
+                if not self._next_candidate(route, target, exc, deadline, tried):
                     _set_attempts(exc, trace.attempts - start)
                     raise
                 continue
@@ -172,10 +180,20 @@ class Pipeline:
         raise AssertionError("unreachable: the last candidate re-raises")  # pragma: no cover
 
     def _next_candidate(
-        self, route: Route, target: Route, exc: errors.SidecarError, deadline: Deadline
+        self,
+        route: Route,
+        target: Route,
+        exc: errors.SidecarError,
+        deadline: Deadline,
+        attempts: int,
     ) -> bool:
-        """Whether to try the next fallback after `target` failed with `exc`."""
+        """Whether to try the next fallback after `target` failed with `exc` after
+        `attempts` attempts of its own."""
         if target is route.candidates[-1]:
+            return False
+        if not target.idempotent and may_have_executed(exc, attempts):
+            log.info("upstream %r may have executed the call (%s); not idempotent, so no "
+                     "fallback", target.name, type(exc).__name__)  # fmt: skip
             return False
         fall = falls_back(exc, deadline)
         if fall:
@@ -297,10 +315,12 @@ class Pipeline:
         are retried and fall back like unary calls; after it, they end the stream."""
         start = info.attempts
         for target in route.candidates:
+            before = info.attempts
             try:
                 opened = await self._open_route(target, request, deadline, info)
             except errors.SidecarError as exc:
-                if not self._next_candidate(route, target, exc, deadline):
+                tried = info.attempts - before
+                if not self._next_candidate(route, target, exc, deadline, tried):
                     _set_attempts(exc, info.attempts - start)
                     raise
                 continue
@@ -427,6 +447,16 @@ async def _close(chunks: AsyncIterator[Chunk]) -> None:
     aclose = getattr(chunks, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+def may_have_executed(exc: BaseException, attempts: int) -> bool:
+    """Whether a call that failed with `exc` after `attempts` upstream attempts may still
+    have had its effect: an attempt was sent and no answer says what happened (a timeout,
+    a reset connection, an unreadable answer, a cancellation). A policy's refusal sent
+    nothing; an upstream that answered with an error status said what happened."""
+    if attempts == 0 or isinstance(exc, errors.PolicyError):
+        return False
+    return not (isinstance(exc, errors.UpstreamError) and exc.http_status)
 
 
 def _set_attempts(exc: errors.SidecarError, attempts: int) -> None:

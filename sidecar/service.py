@@ -86,6 +86,18 @@ def parse_kind(request_kind: int, upstream: Upstream) -> None:
     )
 
 
+def check_run_key(request: pb.CallRequest | pb.BeginCallRequest) -> None:
+    """InvalidRequestError for a call with a run id but no key: it could not be journaled,
+    and silently running it unjournaled would break the run's replay."""
+    if request.run_id and not request.idempotency_key:
+        raise errors.InvalidRequestError(
+            f"a call of run {request.run_id!r} needs an idempotency_key to be journaled; use "
+            f"client.run({request.run_id!r}), which derives one per step, or pass "
+            "idempotency_key",
+            field="idempotency_key",
+        )
+
+
 class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc]
     """Implements tether.v1.Sidecar over upstream adapters, their policies and the journal."""
 
@@ -123,6 +135,7 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
             raise errors.PayloadTooLargeError(len(payload), self.max_payload_bytes)
 
     def _prepare(self, request: pb.CallRequest) -> tuple[Route, UpstreamRequest]:
+        check_run_key(request)
         route = self.route(request.upstream)
         upstream = route.upstream
         parse_kind(request.kind, upstream)
@@ -151,7 +164,7 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         digest = request_hash(route.name, operation, stream, request.payload)
         return Ident(request.run_id, request.idempotency_key, route.name, operation, stream, digest)
 
-    def _journaled(self, request: pb.CallRequest | pb.BeginCallRequest) -> bool:
+    def _journaled(self, request: pb.CallRequest) -> bool:
         return self.recorder is not None and bool(request.run_id and request.idempotency_key)
 
     async def Call(self, request: pb.CallRequest, context: Context) -> pb.CallResponse:
@@ -170,7 +183,7 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
     ) -> pb.CallResponse:
         assert self.recorder is not None
         ident = self._ident(request, route, call.operation, stream=False)
-        claim = await self.recorder.claim(ident, idempotent=route.idempotent)
+        claim = await self.recorder.claim(ident, idempotent=route.journal_idempotent)
         if claim.entry is not None:
             return replayed_response(claim.entry, request.idempotency_key)
         try:
@@ -208,11 +221,13 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
             if self._journaled(request):
                 assert self.recorder is not None
                 ident = self._ident(request, route, call.operation, stream=True)
-                claim = await self.recorder.claim(ident, idempotent=route.idempotent)
+                claim = await self.recorder.claim(ident, idempotent=route.journal_idempotent)
             if claim is not None and claim.entry is not None:
                 async for message in self._replay_stream(claim):
                     yield message
                 return
+            if claim is not None:
+                claim.trace = info  # the stream's attempts decide whether it is in doubt
             kept: list[bytes] | None = [] if claim is not None else None
             # aclosing: a cancelled caller releases the permits now, not when GC gets to it
             async with aclosing(self.pipeline.stream(route, call, deadline, info)) as chunks:
@@ -267,6 +282,7 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         self, request: pb.BeginCallRequest, context: Context
     ) -> pb.BeginCallResponse:
         try:
+            check_run_key(request)
             route = self.route(request.upstream)
             parse_kind(request.kind, route.upstream)
             self._check_size(request.payload)

@@ -130,8 +130,10 @@ class JournalStore(Protocol):
         """Write the outcome into `entry` (by its run and key), inserting it if absent."""
         ...
 
-    async def forget(self, run_id: str, key: str) -> None:
-        """Remove a STARTED entry whose call never reached the upstream."""
+    async def forget(self, run_id: str, key: str, *, started_at: float | None = None) -> None:
+        """Remove a STARTED entry whose call never reached the upstream; with `started_at`,
+        only if it is the mark begun then (a call's own mark, not one left in doubt by
+        another). Applied after every operation submitted before it."""
         ...
 
     async def delete(self, run_id: str, key: str) -> None:

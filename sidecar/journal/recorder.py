@@ -6,7 +6,9 @@ A call with a `run_id` and an idempotency key is *claimed* before it runs:
   error) is returned byte for byte, without the upstream or any policy;
 - the same key with another request hash is a **non-deterministic replay** (FAILED_PRECONDITION);
 - a call with the same key already running in this sidecar is **joined**: it runs once, and
-  the others get its outcome;
+  the others get its outcome when that outcome lasts (an answer, a permanent error); when it
+  does not (a transient error, a cancelled or abandoned call) they claim the key again, so a
+  caller never inherits another caller's transient failure;
 - an entry begun but never completed by a process that died is **in doubt**: re-executed for
   idempotent upstreams, refused with OUTCOME_UNKNOWN for the others until an operator
   resolves it (`tether runs resolve`);
@@ -14,24 +16,31 @@ A call with a `run_id` and an idempotency key is *claimed* before it runs:
 
 For a non-idempotent upstream the STARTED mark is durable before the upstream is called, so
 a crash can never make the sidecar execute it twice; a failure that may have reached the
-upstream (timeout, reset, cancellation mid-call) leaves it in doubt rather than retryable.
+upstream (timeout, reset, cancellation mid-call) leaves it in doubt rather than retryable. A
+call cancelled before anything was sent (even while its mark was being written) removes its
+own mark. Whether a call is idempotent for the journal is decided by the caller
+(`Route.journal_idempotent`: the route and all its fallbacks).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sidecar import errors, status
 from sidecar.config import JournalConfig
 from sidecar.journal.base import Completion, Entry, JournalStore, State, StoredError
 from sidecar.pipeline import CallTrace
+from sidecar.pipeline import may_have_executed as _may_have_executed
 from sidecar.policies.base import Verdict, verdict_of
 from sidecar.upstreams.base import Usage
+
+log = logging.getLogger("tether.sidecar.journal")
 
 Key = tuple[str, str]
 T = TypeVar("T")
@@ -83,15 +92,15 @@ class Claim:
         await self.recorder._fail(self, exc)
 
     async def abandon(self) -> None:
-        """The caller vanished mid-call: forgotten if running it again is harmless (an
-        idempotent upstream, or no attempt reached it), else left in doubt."""
+        """The caller vanished mid-call (or cannot say what happened): forgotten if running
+        it again is harmless (an idempotent upstream, or no attempt reached it), else left in
+        doubt. Joined callers claim the key again."""
         try:
             if self.idempotent or self.trace.attempts == 0:
-                await self.recorder._io(
-                    self.recorder.store.forget(self.ident.run_id, self.ident.key)
-                )
+                own = None if self.idempotent or self.fresh is None else self.fresh.started_at
+                await self.recorder._io(self.recorder._forget(self.ident, own))
         finally:
-            self.recorder._release(self.ident, exc=None)
+            self.recorder._release(self.ident)
 
 
 def stored_error(exc: BaseException, retryable: bool) -> StoredError:
@@ -102,11 +111,17 @@ def stored_error(exc: BaseException, retryable: bool) -> StoredError:
 
 
 def may_have_executed(exc: BaseException, trace: CallTrace) -> bool:
-    """Whether a failed call may still have had its effect at the upstream."""
-    if trace.attempts == 0 or isinstance(exc, errors.PolicyError):
-        return False
-    # An upstream that answered with an error status said what happened.
-    return not (isinstance(exc, errors.UpstreamError) and exc.http_status)
+    """Whether a failed call may still have had its effect at the upstream (see
+    `sidecar.pipeline.may_have_executed`)."""
+    return _may_have_executed(exc, trace.attempts)
+
+
+def lasting(entry: Entry) -> bool:
+    """Whether an outcome is shared with the callers that joined it: an answer, or an error
+    that replay would return as it is. Others (a transient error) make them claim again."""
+    if entry.state is State.DONE:
+        return True
+    return entry.state is State.FAILED and entry.error is not None and not entry.error.retryable
 
 
 class Recorder:
@@ -119,7 +134,10 @@ class Recorder:
         self.in_doubt = 0
         self.too_large = 0
         self.joined = 0
-        self._running: dict[Key, asyncio.Future[Entry]] = {}
+        # Keys executing in this process; their future carries the outcome to joined
+        # callers (an Entry), or None: claim the key again.
+        self._running: dict[Key, asyncio.Future[Entry | None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def running_keys(self, run_id: str) -> set[str]:
         """Keys of `run_id` executing in this process now."""
@@ -127,25 +145,54 @@ class Recorder:
 
     async def claim(self, ident: Ident, *, idempotent: bool) -> Claim:
         """Decide between replay and execution (raising for in-doubt and mismatched keys)."""
-        running = self._running.get(ident.id)
-        if running is not None:
-            self.joined += 1
-            return self._replayed(ident, await asyncio.shield(running), idempotent)
-        future: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
+        joined = False
+        while (running := self._running.get(ident.id)) is not None:
+            if not joined:
+                self.joined += 1
+                joined = True
+            outcome = await asyncio.shield(running)
+            if outcome is not None:
+                return self._replayed(ident, outcome, idempotent)
+            # The call we waited on left no lasting outcome: claim the key again.
+        future: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
         self._running[ident.id] = future
+        fresh = Entry(ident.run_id, ident.key, ident.request_hash, ident.upstream,
+                      ident.operation, ident.stream, State.STARTED,
+                      started_at=time.time())  # fmt: skip
         try:
-            claim = await self._claim_stored(ident, idempotent)
+            claim = await self._claim_stored(ident, idempotent, fresh)
         except BaseException as exc:
-            self._release(ident, exc=exc)
+            if isinstance(exc, Exception) or idempotent:
+                self._release(ident)
+            else:
+                # Cancelled while `begin` or `restart` was queued: either may still write
+                # this call's STARTED mark, and nothing was sent. Remove the mark (queued
+                # after them), then let joined callers claim again.
+                self._forget_then_release(ident, fresh)
             raise
         if claim.entry is not None:
-            self._release(ident, entry=claim.entry)
+            self._release(ident, claim.entry)
         return claim
 
-    async def _claim_stored(self, ident: Ident, idempotent: bool) -> Claim:
-        now = time.time()
-        fresh = Entry(ident.run_id, ident.key, ident.request_hash, ident.upstream,
-                      ident.operation, ident.stream, State.STARTED, started_at=now)  # fmt: skip
+    def _forget(self, ident: Ident, started_at: float | None) -> Awaitable[None]:
+        """Remove the key's STARTED mark: only the one begun at `started_at` (this call's
+        own, never another process's mark in doubt) unless it is None."""
+        return self.store.forget(ident.run_id, ident.key, started_at=started_at)
+
+    def _forget_then_release(self, ident: Ident, fresh: Entry) -> None:
+        task = asyncio.ensure_future(self._forget(ident, fresh.started_at))
+        self._tasks.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("journal: could not remove the mark of cancelled call %r of run "
+                            "%r: %s", ident.key, ident.run_id, task.exception())  # fmt: skip
+            self._release(ident)
+
+        task.add_done_callback(done)
+
+    async def _claim_stored(self, ident: Ident, idempotent: bool, fresh: Entry) -> Claim:
         execute = Claim(self, ident, idempotent, fresh=fresh)
         if idempotent:
             # No STARTED mark: running it again after a crash is harmless. Most keys are
@@ -225,36 +272,32 @@ class Recorder:
         task = asyncio.ensure_future(self.store.count_replay(entry.run_id, entry.key))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
-    def _release(self, ident: Ident, *, entry: Entry | None = None, exc: Any = None) -> None:
+    def _release(self, ident: Ident, entry: Entry | None = None) -> None:
+        """The key is free: joined callers get `entry` if it lasts, else claim again."""
         future = self._running.pop(ident.id, None)
         if future is None or future.done():
             return
-        if entry is not None:
-            future.set_result(entry)
-        else:
-            future.set_exception(exc if isinstance(exc, Exception) else errors.OutcomeUnknownError(
-                f"the call holding key {ident.key!r} was cancelled", run_id=ident.run_id,
-                key=ident.key, upstream=ident.upstream))  # fmt: skip
-            future.exception()  # retrieved: nobody may be waiting
+        future.set_result(entry if entry is not None and lasting(entry) else None)
 
     async def _settle(self, claim: Claim, completion: Completion) -> None:
         ident = claim.ident
+        answer = completion.payload  # what joined callers get, even when too large to keep
         if completion.payload is not None and len(completion.payload) > self.config.max_entry_bytes:
             completion.payload, completion.too_large = None, True
             self.too_large += 1
         try:
             assert claim.fresh is not None
             await self._io(self.store.complete(claim.fresh, completion))
-        except BaseException as exc:
-            self._release(ident, exc=exc)
+        except BaseException:
+            self._release(ident)
             raise
         c = completion
         entry = Entry(ident.run_id, ident.key, ident.request_hash, ident.upstream,
                       ident.operation, ident.stream, c.state, answered_by=c.answered_by,
                       upstream_status=c.upstream_status, attempts=c.attempts,
                       input_tokens=c.input_tokens, output_tokens=c.output_tokens,
-                      payload=c.payload, too_large=c.too_large, error=c.error)  # fmt: skip
-        self._release(ident, entry=entry)
+                      payload=answer, error=c.error)  # fmt: skip
+        self._release(ident, entry)
 
     async def _fail(self, claim: Claim, exc: BaseException) -> None:
         """Journal a failed execution: retryable, permanent, or left in doubt."""
@@ -270,7 +313,7 @@ class Recorder:
                                     error=stored_error(exc, retryable))  # fmt: skip
             await self._settle(claim, completion)
         finally:
-            self._release(ident, exc=exc)
+            self._release(ident)
 
 
 def transient(exc: BaseException) -> bool:

@@ -8,9 +8,9 @@ from typing import Any
 import grpc
 
 from sidecar import errors
-from sidecar.journal.base import Checkpoint, Completion, State
+from sidecar.journal.base import Checkpoint, Completion, Entry, State
 from sidecar.journal.recorder import Recorder
-from sidecar.journal.wire import entry_pb, run_pb, timestamp
+from sidecar.journal.wire import entry_pb, frame, run_pb, timestamp
 from tether.v1 import sidecar_pb2 as pb
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -22,6 +22,12 @@ def _need(value: str, field: str) -> str:
     if not value:
         raise errors.InvalidRequestError(f"{field} is required", field=field)
     return value
+
+
+def in_doubt(entry: Entry) -> bool:
+    """Whether an entry awaits an operator: begun and never completed, or completed with an
+    answer too large to keep (both refused with OUTCOME_UNKNOWN for non-idempotent calls)."""
+    return entry.state is State.STARTED or (entry.state is State.DONE and entry.too_large)
 
 
 class JournalRPCs:
@@ -85,16 +91,25 @@ class JournalRPCs:
             _need(request.run_id, "run_id"),
             _need(request.idempotency_key, "idempotency_key"),
         )
+        entry = await recorder._io(recorder.store.get(run_id, key))
+        if entry is None:
+            raise errors.NotFoundError(f"no call {key!r} in run {run_id!r}")
         if key in recorder.running_keys(run_id):
             raise errors.InvalidRequestError(
                 f"call {key!r} of run {run_id!r} is running now; nothing to resolve",
                 field="idempotency_key",
             )
-        entry = await recorder._io(recorder.store.get(run_id, key))
-        if entry is None:
-            raise errors.NotFoundError(f"no call {key!r} in run {run_id!r}")
+        if not in_doubt(entry):
+            raise errors.InvalidRequestError(
+                f"call {key!r} of run {run_id!r} is {entry.state.value}, not in doubt: only a "
+                "call begun and never completed (or whose answer was too large to keep) can "
+                "be resolved",
+                field="idempotency_key",
+            )
         if request.WhichOneof("action") == "result":
-            done = Completion(State.DONE, answered_by="operator", payload=request.result)
+            # A stream is journaled as its framed chunks: the result replays as one chunk.
+            result = frame([request.result]) if entry.stream else request.result
+            done = Completion(State.DONE, answered_by="operator", payload=result)
             await recorder._io(recorder.store.complete(entry, done))
         elif request.retry:
             await recorder._io(recorder.store.delete(run_id, key))

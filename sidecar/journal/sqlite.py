@@ -7,6 +7,12 @@ transaction and commits once, so many calls finishing together share one fsync (
 crash of the process but not of the machine). An operation marked not durable is answered
 as soon as it is applied, before its commit. The event loop never blocks on SQLite.
 
+Every operation is answered exactly once, whatever happens: if the transaction cannot begin
+(another process holds the write lock past `busy_timeout_ms`) or commit, or anything else
+fails, every operation of the batch not answered yet gets the error; an unexpected error is
+logged and the writer keeps serving; an operation submitted once the journal is closing or
+closed raises `JournalClosedError` at once.
+
 Schema (version 1):
 
     entries(run_id, key, seq, request_hash, upstream, operation, stream, state, started_at,
@@ -120,7 +126,7 @@ def _entry(row: tuple[Any, ...]) -> Entry:
 class _Op:
     """One queued operation: `apply` runs on the writer thread inside a transaction."""
 
-    __slots__ = ("apply", "durable", "future", "loop", "standalone")
+    __slots__ = ("answered", "apply", "durable", "future", "loop", "standalone")
 
     def __init__(
         self,
@@ -135,6 +141,14 @@ class _Op:
         self.future = future
         self.loop = loop
         self.standalone = standalone  # runs alone, outside a transaction (maintenance)
+        self.answered = False  # set on the writer thread once its answer is on its way
+
+
+Outcome = tuple[_Op, Any, BaseException | None]
+
+
+class JournalClosedError(RuntimeError):
+    """An operation submitted after the journal closed (or its writer stopped)."""
 
 
 def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -148,8 +162,28 @@ def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
             future.set_result(value)
 
 
+def _answer(outcomes: list[Outcome]) -> None:
+    """Send each operation its answer, once, on its own event loop (from the writer thread).
+    An operation whose loop has closed has nobody left to answer."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+    for op, value, error in outcomes:
+        if op.answered:
+            continue
+        op.answered = True
+        by_loop.setdefault(op.loop, []).append((op.future, value, error))
+    for loop, results in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, results)
+        except RuntimeError:  # the loop is closed
+            log.debug("journal: %d answers for a closed event loop dropped", len(results))
+
+
 class SQLiteJournal:
     """The journal and checkpoints in one SQLite file (see the module docstring)."""
+
+    # How long the writer waits for a write lock another connection holds, before the
+    # batch fails (every operation in it is answered with the error).
+    busy_timeout_ms = 5000
 
     def __init__(self, config: JournalConfig) -> None:
         self.config = config
@@ -160,12 +194,23 @@ class SQLiteJournal:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._open_error: BaseException | None = None
+        # Guards `_closed` and the queue's end: nothing is queued after the writer's stop.
+        self._lock = threading.Lock()
+        self._closed = False
+        # Retention looks only at runs written since its last pass (writer thread only);
+        # `_dirty_all`: every run (the first pass, or after a failed one).
+        self._dirty_entries: set[str] = set()
+        self._dirty_checkpoints: set[str] = set()
+        self._dirty_all = True
         self.keys = KeyFilter()
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def open(self) -> None:
         """Create or open the file, apply the schema, start the writer thread."""
+        self._closed = False
+        self._dirty_all = True
+        self._ready.clear()
         self._thread = threading.Thread(target=self._run, name="tether-journal", daemon=True)
         self._thread.start()
         await asyncio.to_thread(self._ready.wait)
@@ -173,9 +218,13 @@ class SQLiteJournal:
             raise self._open_error
 
     async def close(self) -> None:
+        """Stop the writer after the operations already queued; later ones are refused."""
         if self._thread is None:
             return
-        self._queue.put(None)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(None)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
 
@@ -185,7 +234,7 @@ class SQLiteJournal:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.config.synchronous.upper()}")
-        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
         conn.execute("PRAGMA journal_size_limit=16777216")  # the WAL shrinks back to 16 MiB
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.executescript(SCHEMA)
@@ -208,14 +257,36 @@ class SQLiteJournal:
             conn = self._connect()
         except BaseException as exc:  # reported to open()
             self._open_error = exc
+            self._closed = True
             self._ready.set()
             return
         self._ready.set()
         try:
-            while self._serve_batch(conn):
-                pass
+            more = True
+            while more:
+                ops, more = self._take_batch()
+                try:
+                    self._serve_batch(conn, ops)
+                except Exception as exc:  # a bug or an environment failure: keep serving
+                    log.exception("journal writer: unexpected error; its batch failed")
+                    _answer([(op, None, exc) for op in ops])
         finally:
-            conn.close()
+            self._stop(conn)
+
+    def _stop(self, conn: sqlite3.Connection) -> None:
+        """The writer is leaving: refuse what comes next, answer what is still queued."""
+        with self._lock:
+            self._closed = True
+        left: list[Outcome] = []
+        while True:
+            try:
+                op = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if op is not None:
+                left.append((op, None, JournalClosedError("the journal is closed")))
+        _answer(left)
+        conn.close()
 
     # -- the writer thread -------------------------------------------------------------
 
@@ -234,60 +305,58 @@ class SQLiteJournal:
             ops.append(op)
         return ops, True
 
-    def _serve_batch(self, conn: sqlite3.Connection) -> bool:
-        ops, more = self._take_batch()
+    def _serve_batch(self, conn: sqlite3.Connection, ops: list[_Op]) -> None:
         batch = [op for op in ops if not op.standalone]
         if batch:
             self._apply_batch(conn, batch)
         for op in ops:
             if op.standalone:
                 self._apply_standalone(conn, op)
-        return more
 
     def _apply_standalone(self, conn: sqlite3.Connection, op: _Op) -> None:
         try:
-            outcome: tuple[asyncio.Future[Any], Any, BaseException | None] = (
-                op.future,
-                op.apply(conn),
-                None,
-            )
+            outcome: Outcome = (op, op.apply(conn), None)
         except Exception as exc:
-            outcome = (op.future, None, exc)
-        op.loop.call_soon_threadsafe(_settle, [outcome])
+            outcome = (op, None, exc)
+        _answer([outcome])
 
     def _apply_batch(self, conn: sqlite3.Connection, ops: list[_Op]) -> None:
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        """Apply `ops` in one transaction and commit once. Operations not durable are
+        answered as soon as they are applied; the others after the commit. If anything
+        fails (the lock, the commit, anything else) every operation not answered yet gets
+        the error: none is left waiting."""
+        results: list[Outcome] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            early: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            early: list[Outcome] = []
             for op in ops:
                 outcome = self._apply_one(conn, op)
                 (results if op.durable else early).append(outcome)
-            if early:
-                ops[0].loop.call_soon_threadsafe(_settle, early)
+            _answer(early)
             conn.execute("COMMIT")
             self.commits += 1
             self.ops += len(ops)
-        except sqlite3.Error as exc:
+        except Exception as exc:
             log.error("journal commit failed: %s", exc)
+            self._dirty_all = True  # a rolled-back retention pass may not have pruned
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            results = [(op.future, None, exc) for op in ops if op.durable]
-        if results:
-            ops[0].loop.call_soon_threadsafe(_settle, results)
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as rollback:
+                    log.error("journal rollback failed: %s", rollback)
+            results = [(op, None, exc) for op in ops]
+        _answer(results)
 
-    def _apply_one(
-        self, conn: sqlite3.Connection, op: _Op
-    ) -> tuple[asyncio.Future[Any], Any, BaseException | None]:
+    def _apply_one(self, conn: sqlite3.Connection, op: _Op) -> Outcome:
         conn.execute("SAVEPOINT op")
         try:
             value = op.apply(conn)
         except Exception as exc:
             conn.execute("ROLLBACK TO op")
             conn.execute("RELEASE op")
-            return op.future, None, exc
+            return op, None, exc
         conn.execute("RELEASE op")
-        return op.future, value, None
+        return op, value, None
 
     def _submit(
         self,
@@ -296,11 +365,16 @@ class SQLiteJournal:
         durable: bool = True,
         standalone: bool = False,
     ) -> Any:
-        if self._thread is None:
-            raise RuntimeError("the journal is not open")
+        """Queue `apply` for the writer; the returned future gets its answer, exactly once.
+        JournalClosedError when the journal is not open (closed, closing, or its writer
+        stopped)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(apply, durable, future, loop, standalone))
+        with self._lock:
+            thread = self._thread
+            if self._closed or thread is None or not thread.is_alive():
+                raise JournalClosedError("the journal is closed")
+            self._queue.put(_Op(apply, durable, future, loop, standalone))
         return future
 
     # -- calls -------------------------------------------------------------------------
@@ -331,6 +405,7 @@ class SQLiteJournal:
         return result
 
     def _next_seq(self, conn: sqlite3.Connection, run_id: str, now: float) -> int:
+        self._dirty_entries.add(run_id)
         conn.execute(
             "INSERT INTO runs (run_id, created_at, updated_at, calls) VALUES (?, ?, ?, 1) "
             "ON CONFLICT (run_id) DO UPDATE SET calls = calls + 1, "
@@ -378,15 +453,17 @@ class SQLiteJournal:
                      int(e.stream), c.state.value, e.started_at, now, *values[2:]),
                 )  # fmt: skip
             conn.execute("UPDATE runs SET updated_at = ? WHERE run_id = ?", (now, e.run_id))
+            self._dirty_entries.add(e.run_id)  # an entry no longer in doubt may be pruned
 
         await self._submit(apply)
 
-    async def forget(self, run_id: str, key: str) -> None:
+    async def forget(self, run_id: str, key: str, *, started_at: float | None = None) -> None:
         def apply(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "DELETE FROM entries WHERE run_id = ? AND key = ? AND state = ?",
-                (run_id, key, State.STARTED.value),
-            )
+            query = "DELETE FROM entries WHERE run_id = ? AND key = ? AND state = ?"
+            args: tuple[Any, ...] = (run_id, key, State.STARTED.value)
+            if started_at is not None:
+                query, args = query + " AND started_at = ?", (*args, started_at)
+            conn.execute(query, args)
 
         await self._submit(apply, durable=False)
 
@@ -431,6 +508,7 @@ class SQLiteJournal:
     async def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         def apply(conn: sqlite3.Connection) -> None:
             cp = checkpoint
+            self._dirty_checkpoints.add(cp.run_id)
             conn.execute(
                 "INSERT OR REPLACE INTO checkpoints (run_id, step, state, metadata, saved_at) "
                 "VALUES (?, ?, ?, ?, ?)",
@@ -500,24 +578,18 @@ class SQLiteJournal:
             removed.entries = conn.execute(
                 "DELETE FROM entries WHERE started_at < ? AND state != 'started'", (cutoff,)
             ).rowcount
-            removed.entries += conn.execute(
-                "DELETE FROM entries WHERE (run_id, key) IN (SELECT run_id, key FROM ("
-                " SELECT run_id, key, ROW_NUMBER() OVER (PARTITION BY run_id ORDER BY seq DESC)"
-                " AS n FROM entries) WHERE n > ?)",
-                (rules.max_entries_per_run,),
-            ).rowcount
             removed.checkpoints = conn.execute(
                 "DELETE FROM checkpoints WHERE saved_at < ?", (cutoff,)
             ).rowcount
-            removed.checkpoints += conn.execute(
-                "DELETE FROM checkpoints WHERE (run_id, step) IN (SELECT run_id, step FROM ("
-                " SELECT run_id, step, ROW_NUMBER() OVER (PARTITION BY run_id ORDER BY step DESC)"
-                " AS n FROM checkpoints) WHERE n > ?)",
-                (rules.max_checkpoints_per_run,),
-            ).rowcount
+            try:
+                self._prune_runs(conn, removed)
+            except BaseException:
+                self._dirty_all = True
+                raise
             removed.runs = conn.execute(
-                "DELETE FROM runs WHERE updated_at < ? AND run_id NOT IN "
-                "(SELECT run_id FROM entries) AND run_id NOT IN (SELECT run_id FROM checkpoints)",
+                "DELETE FROM runs WHERE updated_at < ? "
+                "AND NOT EXISTS (SELECT 1 FROM entries e WHERE e.run_id = runs.run_id) "
+                "AND NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.run_id = runs.run_id)",
                 (cutoff,),
             ).rowcount
             return removed
@@ -525,6 +597,54 @@ class SQLiteJournal:
         result: Retention = await self._submit(apply)
         await self._submit(self._fold_wal, standalone=True)
         return result
+
+    def _prune_runs(self, conn: sqlite3.Connection, removed: Retention) -> None:
+        """The per-run counts: keep the newest `max_entries_per_run` entries of each run (by
+        seq; an entry in doubt is never removed) and its newest `max_checkpoints_per_run`
+        checkpoints (by step).
+
+        No table is scanned: only the runs written since the last pass are looked at (all
+        of them on the first pass after opening), and a run's entries only when it may be
+        over the limit (`runs.calls` counts every entry the run ever had). A run looked at
+        costs an index walk of at most the limit.
+        """
+        rules = self.config.retention
+        if self._dirty_all:
+            entries = checkpoints = {
+                run_id for (run_id,) in conn.execute("SELECT run_id FROM runs")
+            }
+        else:
+            entries, checkpoints = self._dirty_entries, self._dirty_checkpoints
+        self._dirty_entries, self._dirty_checkpoints, self._dirty_all = set(), set(), False
+        for run_id in entries:
+            row = conn.execute("SELECT calls FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is not None and row[0] > rules.max_entries_per_run:
+                removed.entries += self._prune(
+                    conn, "entries", "seq", run_id, rules.max_entries_per_run,
+                    " AND state != 'started'",
+                )  # fmt: skip
+        for run_id in checkpoints:
+            removed.checkpoints += self._prune(
+                conn, "checkpoints", "step", run_id, rules.max_checkpoints_per_run
+            )
+
+    @staticmethod
+    def _prune(
+        conn: sqlite3.Connection, table: str, order: str, run_id: str, keep: int, spare: str = ""
+    ) -> int:
+        """Delete the rows of `run_id` in `table` older (by `order`) than its newest `keep`,
+        except those `spare` (an SQL condition) protects."""
+        oldest_kept = conn.execute(
+            f"SELECT {order} FROM {table} WHERE run_id = ? ORDER BY {order} DESC LIMIT 1 OFFSET ?",
+            (run_id, keep - 1),
+        ).fetchone()
+        if oldest_kept is None:
+            return 0
+        deleted: int = conn.execute(
+            f"DELETE FROM {table} WHERE run_id = ? AND {order} < ?{spare}",
+            (run_id, oldest_kept[0]),
+        ).rowcount
+        return deleted
 
     @staticmethod
     def _fold_wal(conn: sqlite3.Connection) -> None:

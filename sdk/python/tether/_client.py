@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any
@@ -319,11 +320,17 @@ class Run:
         self.client = client
         self.run_id = run_id
         self.step = 0  # calls made so far
+        self._lock = threading.Lock()
 
     def next_key(self, given: str = "") -> str:
-        """The key of the next call: `given`, else `run_id:step` (every call takes a step)."""
-        self.step += 1
-        return given or f"{self.run_id}:{self.step}"
+        """The key of the next call: `given`, else `run_id:step` (every call takes a step).
+        Thread-safe: calls from several threads each take their own step. (Which call gets
+        which step then depends on timing; a run replays only if its calls are made in the
+        same order.)"""
+        with self._lock:
+            self.step += 1
+            step = self.step
+        return given or f"{self.run_id}:{step}"
 
     def save(
         self, state: Any, *, step: int | None = None, metadata: Mapping[str, str] | None = None

@@ -300,15 +300,17 @@ class GuardState:
     """A guarded block's view of its call: call `set_result` inside it.
 
     When `replayed` is true the journal already holds this call's outcome (a resumed run):
-    `result` is the journaled result (parsed JSON when it is JSON) or `error` the journaled
-    failure, and the block should not repeat the call's effect.
+    `payload` is the journaled result exactly as it was recorded (bytes), `result` the same
+    parsed as JSON when it is JSON (else the bytes), or `error` the journaled failure; the
+    block should not repeat the call's effect. `payload` is empty when not replayed.
     """
 
-    __slots__ = ("call_id", "error", "replayed", "result", "usage")
+    __slots__ = ("call_id", "error", "payload", "replayed", "result", "usage")
 
     def __init__(self) -> None:
         self.call_id = ""
         self.result: Any = None
+        self.payload = b""
         self.usage: Usage | None = None
         self.replayed = False
         self.error: str | None = None
@@ -327,6 +329,7 @@ class GuardState:
         if answer.HasField("error"):
             self.error = f"{answer.error.type}: {answer.error.message}"
             return
+        self.payload = answer.payload
         try:
             self.result = orjson.loads(answer.payload) if answer.payload else None
         except orjson.JSONDecodeError:
