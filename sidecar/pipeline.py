@@ -28,6 +28,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 
 from sidecar import errors
 from sidecar.config import Config
@@ -39,6 +40,7 @@ from sidecar.policies.deadline import Deadline
 from sidecar.policies.fallback import falls_back
 from sidecar.policies.ratelimit import RateLimiter, estimate_tokens
 from sidecar.policies.retry import Retrier
+from sidecar.telemetry.calls import NULL_OBSERVER, CallObserver
 from sidecar.upstreams.base import Chunk, Upstream, UpstreamRequest, UpstreamResponse, Usage
 
 log = logging.getLogger("tether.sidecar.pipeline")
@@ -107,9 +109,11 @@ class CallResult:
 
 @dataclass(slots=True)
 class CallTrace:
-    """Filled while a call runs: upstream attempts begun so far (0: nothing was sent)."""
+    """Filled while a call runs: upstream attempts begun so far (0: nothing was sent), and
+    the observer told what happens (spans, metrics)."""
 
     attempts: int = 0
+    observer: CallObserver = NULL_OBSERVER
 
 
 @dataclass(slots=True)
@@ -136,19 +140,32 @@ class Pipeline:
 
     # -- admission, shared by proxied and guarded calls ------------------------------------
 
-    async def admit(self, route: Route, request: UpstreamRequest, deadline: Deadline) -> Admission:
+    async def admit(
+        self,
+        route: Route,
+        request: UpstreamRequest,
+        deadline: Deadline,
+        observer: CallObserver = NULL_OBSERVER,
+    ) -> Admission:
         """Rate limit, then bulkhead; the permits are held until `Admission.release`."""
         route.calls += 1
         admission = Admission(route, [])
         try:
             if route.limiter is not None:
                 estimate = estimate_tokens(request.body) if route.counts_tokens else 0
+                started = self.clock.now()
                 admission.permits.append(await route.limiter.admit(estimate, deadline))
+                _waited(observer, route, "rate_limit.wait", self.clock.now() - started)
             if route.bulkhead is not None:
+                started = self.clock.now()
                 admission.permits.append(await route.bulkhead.admit(deadline))
+                _waited(observer, route, "bulkhead.queued", self.clock.now() - started)
         except BaseException as exc:
             admission.release(outcome_of(exc))
             route.errors += 1
+            refusal = REFUSAL_EVENTS.get(type(exc))
+            if refusal is not None:
+                observer.event(refusal, route.name)
             raise
         return admission
 
@@ -174,6 +191,7 @@ class Pipeline:
                 if not self._next_candidate(route, target, exc, deadline, tried):
                     _set_attempts(exc, trace.attempts - start)
                     raise
+                self._fell_back(route, target, exc, trace)
                 continue
             result.attempts = trace.attempts - start
             return result
@@ -201,10 +219,13 @@ class Pipeline:
             route.fallbacks_used += 1
         return fall
 
+    def _fell_back(self, route: Route, target: Route, exc: BaseException, trace: CallTrace) -> None:
+        trace.observer.event("fallback", target.name, reason=error_reason(exc))
+
     async def _call_route(
         self, route: Route, request: UpstreamRequest, deadline: Deadline, trace: CallTrace
     ) -> CallResult:
-        admission = await self.admit(route, request, deadline)
+        admission = await self.admit(route, request, deadline, trace.observer)
         route.in_flight += 1
         start = trace.attempts
         outcome = NEUTRAL
@@ -232,12 +253,17 @@ class Pipeline:
             try:
                 response = await self._attempt(route, request, deadline, trace, start)
             except errors.UpstreamError as exc:
-                await self._before_retry(route, exc, trace.attempts - start, deadline)
+                await self._before_retry(route, exc, trace.attempts - start, deadline, trace)
                 continue
             return CallResult(response, route.name, trace.attempts - start)
 
     async def _before_retry(
-        self, route: Route, exc: errors.UpstreamError, attempts: int, deadline: Deadline
+        self,
+        route: Route,
+        exc: errors.UpstreamError,
+        attempts: int,
+        deadline: Deadline,
+        trace: CallTrace,
     ) -> None:
         """Sleep the backoff before the next attempt, or re-raise `exc` when none is due:
         not retryable, attempts or budget spent, a Retry-After beyond `backoff_max_s`, a
@@ -254,15 +280,25 @@ class Pipeline:
         if delay is None or (route.breaker is not None and route.breaker.refuses(delay)):
             raise exc
         left = deadline.remaining()
-        if (left is not None and delay >= left) or not retrier.budget.try_spend():
+        if left is not None and delay >= left:
             raise exc
-        log.info("retrying upstream %r in %.3f s after %s", route.name, delay, type(exc).__name__)
+        if not retrier.budget.try_spend():
+            trace.observer.event("retry.budget_exhausted", route.name)
+            raise exc
+        reason = error_reason(exc)
+        trace.observer.event("retry.scheduled", route.name, attempt=attempts, delay_s=delay,
+                             reason=reason)  # fmt: skip
+        log.info("retrying upstream %r in %.3f s after %s", route.name, delay, reason)
         await self.clock.sleep(delay)
 
     def _admit_attempt(self, route: Route, trace: CallTrace, start: int) -> Permit | None:
         """The breaker's permit for one attempt (CircuitOpenError when refused); an admitted
         attempt is counted, and counted as a retry when it is not the route's first."""
-        permit = route.breaker.admit() if route.breaker is not None else None
+        try:
+            permit = route.breaker.admit() if route.breaker is not None else None
+        except errors.CircuitOpenError:
+            trace.observer.event("breaker.rejected", route.name)
+            raise
         if trace.attempts > start and route.retrier is not None:
             route.retrier.retries += 1
         trace.attempts += 1
@@ -285,21 +321,21 @@ class Pipeline:
     ) -> UpstreamResponse:
         """One attempt: breaker admission, the call under its timeout, breaker accounting."""
         permit = self._admit_attempt(route, trace, start)
+        span = trace.observer.attempt_start(route.name, trace.attempts)
         timeout_s, by_caller = deadline.cap(route.attempt_timeout_s)
         try:
             async with asyncio.timeout(timeout_s):
                 response = await route.upstream.call(request)
         except TimeoutError:
             exc = self._timed_out(route, timeout_s, by_caller)
-            if permit is not None:
-                permit.release(outcome_of(exc))
+            _attempt_failed(trace, span, permit, exc)
             raise exc from None
         except BaseException as exc:
-            if permit is not None:
-                permit.release(outcome_of(exc))
+            _attempt_failed(trace, span, permit, exc)
             raise
         if permit is not None:
             permit.release(succeeded(response.usage))
+        trace.observer.attempt_end(span, response, None)
         return response
 
     # -- streams -----------------------------------------------------------------------------
@@ -323,6 +359,7 @@ class Pipeline:
                 if not self._next_candidate(route, target, exc, deadline, tried):
                     _set_attempts(exc, info.attempts - start)
                     raise
+                self._fell_back(route, target, exc, info)
                 continue
             break
         async with aclosing(opened.rest(deadline, info)) as rest:
@@ -332,7 +369,7 @@ class Pipeline:
     async def _open_route(
         self, route: Route, request: UpstreamRequest, deadline: Deadline, info: StreamInfo
     ) -> _OpenStream:
-        admission = await self.admit(route, request, deadline)
+        admission = await self.admit(route, request, deadline, info.observer)
         if route.retrier is not None:
             route.retrier.budget.record_call()
         route.in_flight += 1
@@ -344,7 +381,7 @@ class Pipeline:
                         route, request, deadline, admission, info, start
                     )
                 except errors.UpstreamError as exc:
-                    await self._before_retry(route, exc, info.attempts - start, deadline)
+                    await self._before_retry(route, exc, info.attempts - start, deadline, info)
         except BaseException as exc:
             route.in_flight -= 1
             route.errors += 1
@@ -374,6 +411,7 @@ class Pipeline:
         start: int,
     ) -> _OpenStream:
         permit = self._admit_attempt(route, info, start)
+        span = info.observer.attempt_start(route.name, info.attempts)
         timeout_s, by_caller = deadline.cap(route.attempt_timeout_s)
         chunks = route.upstream.stream(request)
         try:
@@ -384,12 +422,12 @@ class Pipeline:
             try:
                 await _close(chunks)
             finally:
-                if permit is not None:
-                    permit.release(outcome_of(exc))
+                _attempt_failed(info, span, permit, exc)
             if exc is caught:
                 raise
             raise exc from None
-        return _OpenStream(self, route, chunks, first, permit, admission)
+        info.observer.first_chunk()
+        return _OpenStream(self, route, chunks, first, permit, admission, span)
 
 
 class _OpenStream:
@@ -403,9 +441,10 @@ class _OpenStream:
         first: Chunk,
         permit: Permit | None,
         admission: Admission,
+        span: Any,
     ) -> None:
         self.pipeline, self.route, self.chunks, self.first = pipeline, route, chunks, first
-        self.permit, self.admission = permit, admission
+        self.permit, self.admission, self.span = permit, admission, span
 
     async def rest(self, deadline: Deadline, info: StreamInfo) -> AsyncGenerator[Chunk, None]:
         route = self.route
@@ -430,6 +469,8 @@ class _OpenStream:
                 if self.permit is not None:
                     self.permit.release(outcome)
                 self.admission.release(outcome)
+                answer = UpstreamResponse(b"", usage=info.usage)
+                info.observer.attempt_end(self.span, answer, outcome.error)
 
     async def _next(self, deadline: Deadline) -> Chunk | None:
         """The next chunk within the per-attempt timeout (an idle bound) and the deadline."""
@@ -457,6 +498,32 @@ def may_have_executed(exc: BaseException, attempts: int) -> bool:
     if attempts == 0 or isinstance(exc, errors.PolicyError):
         return False
     return not (isinstance(exc, errors.UpstreamError) and exc.http_status)
+
+
+REFUSAL_EVENTS: dict[type[BaseException], str] = {
+    errors.RateLimitedError: "rate_limit.rejected",
+    errors.OverloadedError: "bulkhead.rejected",
+}
+WAIT_EVENT_MIN_S = 0.0005  # shorter waits are not worth an event
+
+
+def _waited(observer: CallObserver, route: Route, event: str, seconds: float) -> None:
+    if seconds >= WAIT_EVENT_MIN_S:
+        observer.event(event, route.name, delay_s=seconds)
+
+
+def _attempt_failed(trace: CallTrace, span: Any, permit: Permit | None, exc: BaseException) -> None:
+    if permit is not None:
+        permit.release(outcome_of(exc))
+    trace.observer.attempt_end(span, None, exc)
+
+
+def error_reason(exc: BaseException) -> str:
+    """A short, bounded reason for a failure: the HTTP status, else the error's kind."""
+    status = getattr(exc, "http_status", 0)
+    if status:
+        return str(status)
+    return type(exc).__name__.removeprefix("Upstream").removesuffix("Error").lower()
 
 
 def _set_attempts(exc: errors.SidecarError, attempts: int) -> None:

@@ -28,6 +28,8 @@ from sidecar.interceptors import GuardInterceptor
 from sidecar.journal.recorder import Recorder
 from sidecar.journal.sqlite import SQLiteJournal
 from sidecar.service import SidecarService
+from sidecar.telemetry.endpoint import MetricsEndpoint
+from sidecar.telemetry.hub import Telemetry
 from sidecar.upstreams.base import Upstream
 from sidecar.upstreams.registry import build_upstreams
 from tether.v1 import sidecar_pb2, sidecar_pb2_grpc
@@ -35,6 +37,7 @@ from tether.v1 import sidecar_pb2, sidecar_pb2_grpc
 log = logging.getLogger("tether.sidecar")
 
 SERVICE_NAME = sidecar_pb2.DESCRIPTOR.services_by_name["Sidecar"].full_name
+TELEMETRY_FLUSH_S = 3.0  # spans still queued at exit get this long to leave
 MESSAGE_SLACK_BYTES = 1024 * 1024  # envelope room above the payload limits
 
 
@@ -80,6 +83,7 @@ class SidecarServer:
     upstreams: dict[str, Upstream]
     grace_s: float
     addresses: list[str] = field(default_factory=list)
+    metrics_endpoint: MetricsEndpoint | None = None
     _socket_paths: list[str] = field(default_factory=list)
     _retention: asyncio.Task[None] | None = None
 
@@ -91,6 +95,9 @@ class SidecarServer:
             self._retention = asyncio.create_task(self._retain(recorder))
         for upstream in self.upstreams.values():
             await upstream.start()
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.start()
+            log.info("metrics on %s/metrics", self.metrics_endpoint.url)
         await self.server.start()
         for path in self._socket_paths:
             os.chmod(path, 0o600)
@@ -126,6 +133,7 @@ class SidecarServer:
         await self.server.stop(max(remaining, 0.1))
         await self.close_upstreams()
         await self.close_journal()
+        await self.close_telemetry()
         self.remove_socket_files()
         log.info("stopped")
 
@@ -149,6 +157,17 @@ class SidecarServer:
     async def close_upstreams(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.close()
+
+    async def close_telemetry(self) -> None:
+        """Stop the metrics port; flush spans for at most a few seconds (never hang exit)."""
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.stop()
+        flush = asyncio.to_thread(self.service.telemetry.shutdown)
+        try:
+            await asyncio.wait_for(flush, TELEMETRY_FLUSH_S)
+        except TimeoutError:
+            log.warning("telemetry: spans not flushed within %.0f s; exiting anyway",
+                        TELEMETRY_FLUSH_S)  # fmt: skip
 
     async def close_journal(self) -> None:
         if self._retention is not None:
@@ -246,13 +265,21 @@ async def create_server(config: Config) -> tuple[SidecarServer, int]:
         options=_server_options(config),
         maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs,
     )
-    service = SidecarService(config, upstreams, recorder=build_recorder(config))
+    telemetry = Telemetry(config)
+    recorder = build_recorder(config)
+    if recorder is not None:
+        recorder.store.observe_commit = telemetry.journal_commit
+    service = SidecarService(config, upstreams, recorder=recorder, telemetry=telemetry)
     sidecar_pb2_grpc.add_SidecarServicer_to_server(service, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
     reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
     sidecar = SidecarServer(server, service, guard, health, upstreams, config.shutdown.grace_s)
+    if config.listen.metrics:
+        sidecar.metrics_endpoint = MetricsEndpoint(
+            config.listen.metrics, telemetry.metrics, lambda: service.serving
+        )
     try:
         first_port = _bind_all(sidecar, config.listen.grpc)
     except AddressInUseError:

@@ -31,8 +31,9 @@ from sidecar.journal.wire import (
     unframe,
     usage_pb,
 )
-from sidecar.pipeline import CallResult, Pipeline, Route, StreamInfo
+from sidecar.pipeline import CallResult, CallTrace, Pipeline, Route, StreamInfo
 from sidecar.policies.clock import SYSTEM_CLOCK, Clock
+from sidecar.telemetry.hub import Telemetry
 from sidecar.upstreams.base import Upstream, UpstreamRequest
 from tether.v1 import sidecar_pb2 as pb
 from tether.v1 import sidecar_pb2_grpc as pb_grpc
@@ -107,11 +108,14 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         upstreams: dict[str, Upstream],
         clock: Clock = SYSTEM_CLOCK,
         recorder: Recorder | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config
         self.pipeline = Pipeline(config, upstreams, clock)
         self.routes = self.pipeline.routes
         self.recorder = recorder
+        self.telemetry = telemetry or Telemetry(config)
+        self.telemetry.watch(self.routes)
         self.guarded = GuardedCalls(self.pipeline, recorder)
         self.max_payload_bytes = config.limits.max_payload_bytes
         self.config_version = config.version()
@@ -167,23 +171,57 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
     def _journaled(self, request: pb.CallRequest) -> bool:
         return self.recorder is not None and bool(request.run_id and request.idempotency_key)
 
+    def _observe(self, route: Route, call: UpstreamRequest, rpc: str, context: Context) -> Any:
+        return self.telemetry.call(route, call, rpc=rpc, stream=rpc == "StreamCall",
+                                   metadata=context.invocation_metadata())  # fmt: skip
+
     async def Call(self, request: pb.CallRequest, context: Context) -> pb.CallResponse:
+        observed = None
         try:
             route, call = self._prepare(request)
+            observed = self._observe(route, call, "Call", context)
             deadline = self.pipeline.deadline(context.time_remaining())
             if self._journaled(request):
-                return await self._journaled_call(request, route, call, deadline)
-            result = await self.pipeline.call(route, call, deadline)
-        except Exception as exc:
+                return await self._journaled_call(request, route, call, deadline, observed)
+            result = await self.pipeline.call(route, call, deadline, CallTrace(observer=observed))
+            observed.finish(answered_by=result.upstream, usage=result.response.usage, exc=None)
+        except BaseException as exc:
+            if observed is not None:
+                observed.finish(answered_by="", usage=None, exc=exc)
+            if not isinstance(exc, Exception):
+                raise
             await self._fail(context, exc)
         return self._response(request, result)
 
-    async def _journaled_call(
-        self, request: pb.CallRequest, route: Route, call: UpstreamRequest, deadline: Any
-    ) -> pb.CallResponse:
+    async def _claim(self, ident: Ident, route: Route, observed: Any) -> Claim:
         assert self.recorder is not None
+        try:
+            claim = await self.recorder.claim(ident, idempotent=route.journal_idempotent)
+        except errors.OutcomeUnknownError:
+            observed.event("journal.in_doubt", route.name)
+            raise
+        except errors.JournaledError as exc:
+            observed.event("journal.replay", route.name)
+            observed.finish(answered_by=route.name, usage=None, exc=exc, replayed=True)
+            raise
+        if claim.entry is not None:
+            entry = claim.entry
+            observed.event("journal.replay", route.name)
+            observed.finish(answered_by=entry.answered_by or route.name,
+                            usage=entry_usage(entry), exc=None, replayed=True)  # fmt: skip
+        claim.trace.observer = observed
+        return claim
+
+    async def _journaled_call(
+        self,
+        request: pb.CallRequest,
+        route: Route,
+        call: UpstreamRequest,
+        deadline: Any,
+        observed: Any,
+    ) -> pb.CallResponse:
         ident = self._ident(request, route, call.operation, stream=False)
-        claim = await self.recorder.claim(ident, idempotent=route.journal_idempotent)
+        claim = await self._claim(ident, route, observed)
         if claim.entry is not None:
             return replayed_response(claim.entry, request.idempotency_key)
         try:
@@ -191,7 +229,11 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         except BaseException as exc:
             await asyncio.shield(claim.fail(exc))
             raise
-        await claim.settle(completion_of(result))  # durable before the answer leaves
+        completion = completion_of(result)
+        await claim.settle(completion)  # durable before the answer leaves
+        if completion.too_large:
+            observed.event("journal.too_large", route.name)
+        observed.finish(answered_by=result.upstream, usage=result.response.usage, exc=None)
         return self._response(request, result)
 
     def _response(self, request: pb.CallRequest, result: CallResult) -> pb.CallResponse:
@@ -211,23 +253,26 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         info = StreamInfo()
         index = 0
         claim: Claim | None = None
+        observed = None
         try:
             route, call = self._prepare(request)
             if not route.upstream.supports_stream:
                 raise errors.InvalidRequestError(
                     f"upstream {route.name!r} does not stream; use Call", field="upstream"
                 )
+            observed = self._observe(route, call, "StreamCall", context)
+            info.observer = observed
             deadline = self.pipeline.deadline(context.time_remaining())
             if self._journaled(request):
-                assert self.recorder is not None
                 ident = self._ident(request, route, call.operation, stream=True)
-                claim = await self.recorder.claim(ident, idempotent=route.journal_idempotent)
+                claim = await self._claim(ident, route, observed)
             if claim is not None and claim.entry is not None:
                 async for message in self._replay_stream(claim):
                     yield message
                 return
             if claim is not None:
                 claim.trace = info  # the stream's attempts decide whether it is in doubt
+                info.observer = observed
             kept: list[bytes] | None = [] if claim is not None else None
             # aclosing: a cancelled caller releases the permits now, not when GC gets to it
             async with aclosing(self.pipeline.stream(route, call, deadline, info)) as chunks:
@@ -238,9 +283,12 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
                         kept.append(chunk.data)
             if claim is not None and kept is not None:
                 await claim.settle(self._stream_completion(info, kept))
+            observed.finish(answered_by=info.upstream, usage=info.usage, exc=None)
         except BaseException as exc:
             if claim is not None and claim.entry is None:
                 await asyncio.shield(claim.fail(exc))
+            if observed is not None:
+                observed.finish(answered_by=info.upstream, usage=None, exc=exc)
             if not isinstance(exc, Exception):
                 raise
             await self._fail(context, exc)

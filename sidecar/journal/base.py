@@ -11,6 +11,7 @@ mark at all (running one again after a crash is harmless): their entry is writte
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -108,6 +109,8 @@ class Retention:
 
 class JournalStore(Protocol):
     """Storage for the journal and checkpoints. All methods are safe to await concurrently."""
+
+    observe_commit: Callable[[float, bool], None] | None
 
     async def open(self) -> None: ...
 

@@ -190,6 +190,8 @@ class SQLiteJournal:
         self.path = config.path
         self.commits = 0
         self.ops = 0
+        # Told how long each commit took, and whether it had durable writes (metrics).
+        self.observe_commit: Callable[[float, bool], None] | None = None
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -333,9 +335,12 @@ class SQLiteJournal:
                 outcome = self._apply_one(conn, op)
                 (results if op.durable else early).append(outcome)
             _answer(early)
+            committing = time.perf_counter()
             conn.execute("COMMIT")
             self.commits += 1
             self.ops += len(ops)
+            if self.observe_commit is not None:
+                self.observe_commit(time.perf_counter() - committing, bool(results))
         except Exception as exc:
             log.error("journal commit failed: %s", exc)
             self._dirty_all = True  # a rolled-back retention pass may not have pruned

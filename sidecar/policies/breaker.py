@@ -18,6 +18,7 @@ interface. Each attempt enters `CircuitBreaker.calling()` by hand (`__enter__` a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -84,6 +85,9 @@ class _Listener(pybreaker.CircuitBreakerListener):
         self._breaker.transitions += 1  # a new epoch: probes of the old one no longer count
         self._breaker._probes = 0
         log.warning("breaker of upstream %r: %s -> %s", self._breaker.upstream, old, new)
+        hook = self._breaker.on_transition
+        if hook is not None:
+            hook(self._breaker.upstream, old, new)
 
 
 class BreakerPermit:
@@ -111,6 +115,8 @@ class Breaker:
         self.upstream = upstream
         self.policy = policy
         self.transitions = 0
+        # Told of every state change (upstream, old, new): metrics and span events.
+        self.on_transition: Callable[[str, str, str], None] | None = None
         self.rejected = 0
         self._clock = clock
         self._storage = ClockStorage(clock)

@@ -81,6 +81,7 @@ class TracedCall(CallObserver):
         self.stream = stream
         self.started = time.perf_counter()
         self.upstream_s = 0.0
+        self._finished = False
         self.model = model_of(request.body)
         self.operation = "execute_tool" if route.upstream.kind == "tool" else request.operation
         parent = propagate.extract(dict(metadata or ())) if metadata else None
@@ -194,7 +195,10 @@ class TracedCall(CallObserver):
 
     def finish(self, *, answered_by: str, usage: Usage | None, exc: BaseException | None,
                replayed: bool = False) -> None:  # fmt: skip
-        """Record the call's outcome, its metrics and its log line, and end its span."""
+        """Record the call's outcome, its metrics and its log line, and end its span (once)."""
+        if self._finished:
+            return
+        self._finished = True
         try:
             self._record(answered_by, usage, exc, replayed)
         finally:

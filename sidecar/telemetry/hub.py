@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from sidecar.config import Config, resolve_secret
 from sidecar.telemetry.calls import TracedCall
-from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.metrics import LiveUpstream, Metrics
 from sidecar.telemetry.tracing import Tracing, tracing_wanted
 from sidecar.upstreams.base import UpstreamRequest, Usage
 
@@ -71,11 +71,31 @@ class Telemetry:
              metadata: Any) -> TracedCall:  # fmt: skip
         return TracedCall(self, route, request, rpc=rpc, stream=stream, metadata=metadata)
 
+    def watch(self, routes: dict[str, Any]) -> None:
+        """Follow these routes: live gauges at scrape time, breaker transitions as they happen."""
+        self.routes = routes
+        self.metrics.live = lambda: [
+            LiveUpstream(
+                name,
+                route.breaker.state if route.breaker is not None else "disabled",
+                route.in_flight,
+                route.bulkhead.queued if route.bulkhead is not None else 0,
+            )
+            for name, route in routes.items()
+        ]
+        for route in routes.values():
+            if route.breaker is not None:
+                route.breaker.on_transition = self.breaker_transition
+
     def breaker_transition(self, upstream: str, old: str, new: str) -> None:
         self.metrics.breaker_transitions.labels(upstream, old, new).inc()
         trace.get_current_span().add_event(
             "breaker.state_change", {"tether.upstream": upstream, "from": old, "to": new}
         )
+
+    def journal_commit(self, seconds: float, durable: bool) -> None:
+        """Called by the journal's writer thread after each commit."""
+        self.metrics.journal_write.labels("true" if durable else "false").observe(seconds)
 
     def shutdown(self) -> None:
         self.tracing.shutdown()

@@ -129,9 +129,16 @@ class Tracing:
     def __init__(self, metrics: Metrics, *, enabled: bool, exporter: SpanExporter | None = None):
         self.enabled = enabled
         self.provider: TracerProvider | None = None
+        self.tracer: trace.Tracer = trace.NoOpTracer()
         if not enabled:
-            self.tracer: trace.Tracer = trace.NoOpTracer()
             return
+        try:
+            self._start(metrics, exporter)
+        except Exception as exc:  # a bad OTEL_* setting must not keep the sidecar down
+            log.error("telemetry: tracing disabled, its set-up failed: %s", exc)
+            self.enabled, self.provider = False, None
+
+    def _start(self, metrics: Metrics, exporter: SpanExporter | None) -> None:
         service = os.environ.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME
         resource = Resource.create({"service.name": service, "service.version": __version__})
         self.provider = TracerProvider(resource=resource)

@@ -29,6 +29,7 @@ from tether._messages import (
     load_request,
     resolve_request,
     resolve_target,
+    traced,
 )
 from tether.v1 import sidecar_pb2 as pb
 from tether.v1 import sidecar_pb2_grpc as pb_grpc
@@ -92,7 +93,7 @@ class AsyncGuard:
             answer = await client._stub.BeginCall(
                 self._request,
                 timeout=self._timeout_s or client.timeout_s,
-                metadata=client._metadata,
+                metadata=traced(client._metadata),
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
@@ -134,7 +135,7 @@ class AsyncClient:
     async def _call(self, request: pb.CallRequest, timeout_s: float | None) -> Result:
         try:
             response = await self._stub.Call(
-                request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+                request, timeout=timeout_s or self.timeout_s, metadata=traced(self._metadata)
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
@@ -193,7 +194,7 @@ class AsyncClient:
             run_id=run_id, idempotency_key=idempotency_key, labels=labels,
         )  # fmt: skip
         call = self._stub.StreamCall(
-            request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+            request, timeout=timeout_s or self.timeout_s, metadata=traced(self._metadata)
         )
         return AsyncStream(call)
 

@@ -30,6 +30,7 @@ from tether._messages import (
     load_request,
     resolve_request,
     resolve_target,
+    traced,
 )
 from tether.v1 import sidecar_pb2 as pb
 from tether.v1 import sidecar_pb2_grpc as pb_grpc
@@ -91,7 +92,7 @@ class Guard:
             answer = client._stub.BeginCall(
                 self._request,
                 timeout=self._timeout_s or client.timeout_s,
-                metadata=client._metadata,
+                metadata=traced(client._metadata),
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
@@ -133,7 +134,7 @@ class Client:
     def _call(self, request: pb.CallRequest, timeout_s: float | None) -> Result:
         try:
             response = self._stub.Call(
-                request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+                request, timeout=timeout_s or self.timeout_s, metadata=traced(self._metadata)
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
@@ -192,7 +193,7 @@ class Client:
             run_id=run_id, idempotency_key=idempotency_key, labels=labels,
         )  # fmt: skip
         call = self._stub.StreamCall(
-            request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+            request, timeout=timeout_s or self.timeout_s, metadata=traced(self._metadata)
         )
         return Stream(call)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
+from opentelemetry import propagate
 
 from tether.v1 import sidecar_pb2 as pb
 
@@ -47,6 +48,16 @@ def call_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     """Per-call metadata: the bearer token from the argument or $TETHER_TOKEN."""
     token = token or os.environ.get(TOKEN_ENV)
     return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def traced(metadata: Any) -> Any:
+    """`metadata` plus the W3C `traceparent` (and `tracestate`) of the current span, so the
+    sidecar continues the caller's trace; unchanged when there is no span."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    if not carrier:
+        return metadata
+    return (*(metadata or ()), *carrier.items())
 
 
 def encode_payload(payload: Any) -> bytes:
