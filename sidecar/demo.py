@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -17,11 +19,18 @@ READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 20.0
 
 
-def _write_config(directory: str) -> tuple[str, str]:
-    """The embedded defaults, listening on a socket in `directory`; returns (file, address)."""
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _write_config(directory: str, metrics: str) -> tuple[str, str]:
+    """The embedded defaults, listening on a socket in `directory` and serving metrics on
+    `metrics`; returns (file, address)."""
     data = yaml.safe_load(default_config_text())
     address = f"unix:{directory}/tether.sock"
-    data["listen"] = {"grpc": address, "metrics": None}
+    data["listen"] = {"grpc": address, "metrics": metrics}
     data["journal"] = {"path": os.path.join(directory, "journal.db")}
     path = os.path.join(directory, "tether.yaml")
     Path(path).write_text(yaml.safe_dump(data), encoding="utf-8")
@@ -70,6 +79,24 @@ def _crash_and_resume(agent: str, env: dict[str, str], address: str) -> int:
     return resumed
 
 
+SHOWN_METRICS = ("tether_calls_total", "tether_breaker_transitions_total",
+                 "tether_journal_replays_total", "tether_overhead_seconds_count")  # fmt: skip
+
+
+def _show_metrics(metrics: str) -> None:
+    """A few lines of the sidecar's metrics, scraped before it stops."""
+    try:
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as response:
+            lines = response.read().decode().splitlines()
+    except OSError as error:
+        print(f"demo: could not read the metrics: {error}")
+        return
+    print(f"\n== a few of the metrics at http://{metrics}/metrics ==")
+    for line in lines:
+        if line.startswith(SHOWN_METRICS) and not line.endswith(" 0.0"):
+            print(f"  {line}")
+
+
 def run_demo(*, agent: str, steps: int) -> int:
     """Run `agent` against a fresh sidecar; the exit code is the agent's, else the sidecar's."""
     if not Path(agent).is_file():
@@ -79,10 +106,13 @@ def run_demo(*, agent: str, steps: int) -> int:
         )
         return 2
     with tempfile.TemporaryDirectory(prefix="tether-demo-") as directory:
-        config_path, address = _write_config(directory)
+        metrics = f"127.0.0.1:{_free_port()}"
+        config_path, address = _write_config(directory, metrics)
         command = [sys.executable, "-m", "sidecar", "serve", "--config", config_path]
         sidecar = subprocess.Popen([*command, "--log-level", "WARNING"])
         print(f"demo: sidecar pid {sidecar.pid} starting on {address} (embedded mock upstreams)")
+        print(f"demo: metrics at http://{metrics}/metrics while the demo runs "
+              f"(`tether top --address {address} --metrics http://{metrics}/metrics`)")  # fmt: skip
         if not _wait_ready(address, sidecar):
             _stop(sidecar)
             return 1
@@ -93,6 +123,9 @@ def run_demo(*, agent: str, steps: int) -> int:
         resumable = Path(agent).with_name("resumable_agent.py")
         if agent_code == 0 and resumable.is_file():
             agent_code = _crash_and_resume(str(resumable), env, address)
+        _show_metrics(metrics)
         sidecar_code = _stop(sidecar)
         print(f"demo: sidecar drained and stopped (exit code {sidecar_code})")
+        print("demo: to watch it in Grafana, with traces in Tempo: `docker compose up`, then "
+              "open http://127.0.0.1:3000 (dashboard \"Tether overview\")")  # fmt: skip
         return agent_code or sidecar_code

@@ -284,6 +284,7 @@ class Pipeline:
             raise exc
         if not retrier.budget.try_spend():
             trace.observer.event("retry.budget_exhausted", route.name)
+            log.warning("retry budget of upstream %r exhausted: not retrying", route.name)
             raise exc
         reason = error_reason(exc)
         trace.observer.event("retry.scheduled", route.name, attempt=attempts, delay_s=delay,

@@ -5,6 +5,7 @@ and, with `--metrics URL`, latency percentiles from the Prometheus histogram.
 
 from __future__ import annotations
 
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import tether
 
 BREAKER_STYLE = {"closed": "green", "half_open": "yellow", "open": "bold red", "disabled": "dim"}
 LATENCY = "gen_ai_client_operation_duration_seconds"
+PIPE_WIDTH = 160
 
 
 @dataclass
@@ -102,7 +104,8 @@ def run_top(address: str | None, metrics_url: str | None, interval_s: float, onc
         before = read(client, metrics_url)
         if once:
             time.sleep(interval_s)
-            Console().print(table(read(client, metrics_url), before))
+            width = None if sys.stdout.isatty() else PIPE_WIDTH  # no terminal to measure
+            Console(width=width).print(table(read(client, metrics_url), before))
             return 0
         with Live(table(before, before), refresh_per_second=4, screen=False) as live:
             while True:

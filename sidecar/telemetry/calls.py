@@ -10,6 +10,7 @@ of every configured secret; API keys are never recorded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -263,6 +264,8 @@ def _messages(body: Any) -> str:
 def _error_type(exc: BaseException) -> str:
     if isinstance(exc, errors.SidecarError):
         return status.classify(exc)[1].lower()
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"  # the caller gave up (its deadline, or it went away)
     return type(exc).__name__
 
 

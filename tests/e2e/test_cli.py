@@ -103,6 +103,20 @@ def test_demo_runs_end_to_end() -> None:
     assert re.search(r"llm breaker over the run: closed -> open( -> half_open)?.* -> closed", out)
     assert re.search(r"llm -> llm-backup: \d+", out)
     assert "sidecar drained and stopped (exit code 0)" in out
+    assert re.search(r'tether_calls_total\{.*upstream="llm"\} \d+', out)  # metrics were served
+    assert "docker compose up" in out
+
+
+def test_top_once(short_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`tether top --once` prints each upstream's rates and breaker from a running sidecar."""
+    config, address = write_config(short_tmp, {"m1": {"kind": "model", "type": "mock"}})
+    proc = start_sidecar(config, address)
+    try:
+        assert main(["top", "--address", address, "--once", "--interval-s", "0.1"]) == 0
+    finally:
+        assert stop(proc) == 0
+    out = capsys.readouterr().out
+    assert "m1" in out and "closed" in out and "calls/s" in out
 
 
 def test_status_command(short_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
