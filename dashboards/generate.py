@@ -262,7 +262,8 @@ def overview_panels() -> list[Panel]:
         row("The sidecar itself", "What does Tether cost, and is its telemetry healthy?"),
         panel(
             "Sidecar overhead p50 / p99",
-            "What time does the sidecar add to a call, outside the upstream (queueing included)?",
+            "What time does the sidecar add to a call, outside the upstream and retry "
+            "backoff (queueing for rate-limit and bulkhead slots included)?",
             quantiles("tether_overhead_seconds", "upstream", UP, (0.5, 0.99)),
             unit="s",
         ),
@@ -324,8 +325,8 @@ def journal_panels() -> list[Panel]:
 
 def runs_panels() -> list[Panel]:
     run = '{ span."gen_ai.conversation.id" = "$run_id" }'
-    sidecar = '{ resource.service.name = "tether-sidecar" }'
-    failed = '{ resource.service.name = "tether-sidecar" && status = error }'
+    sidecar = '{ resource.service.name = "$service" }'
+    failed = '{ resource.service.name = "$service" && status = error }'
     return [
         panel(
             "Traces of the run",
@@ -381,6 +382,14 @@ UPSTREAM_VARIABLE = {
     "options": [],
     "hide": 0,
     "regex": "",
+}
+SERVICE_VARIABLE = {  # OTEL_SERVICE_NAME of the sidecar, as its traces say
+    "name": "service",
+    "label": "Sidecar service name",
+    "type": "textbox",
+    "query": "tether-sidecar",
+    "current": {"text": "tether-sidecar", "value": "tether-sidecar"},
+    "hide": 0,
 }
 RUN_ID_VARIABLE = {
     "name": "run_id",
@@ -438,7 +447,7 @@ def dashboards() -> dict[str, Panel]:
             "Tether runs",
             "One agent run: its traces in Tempo (by gen_ai.conversation.id) and its journal.",
             runs_panels(),
-            [dict(RUN_ID_VARIABLE), dict(UPSTREAM_VARIABLE)],
+            [dict(RUN_ID_VARIABLE), dict(SERVICE_VARIABLE), dict(UPSTREAM_VARIABLE)],
         ),
     }
 

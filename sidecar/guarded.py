@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -36,6 +38,7 @@ from sidecar.policies.base import (
     succeeded,
 )
 from sidecar.policies.deadline import Deadline
+from sidecar.telemetry.calls import NULL_OBSERVER
 from sidecar.upstreams.base import UpstreamRequest, Usage
 from tether.v1 import sidecar_pb2 as pb
 
@@ -47,6 +50,8 @@ class _Guarded:
     permit: Permit | None
     claim: Claim | None = None
     lease: asyncio.TimerHandle | None = None
+    observed: Any = None  # the call's telemetry, finished at EndCall or when the lease ends
+    admitted_at: float = 0.0  # from here to EndCall the agent runs the call: not our overhead
 
     def release(self, outcome: Outcome) -> None:
         if self.lease is not None:
@@ -133,19 +138,48 @@ def in_doubt(request: pb.EndCallRequest, claim: Claim) -> bool:
 class GuardedCalls:
     """Guarded calls in progress, by call id."""
 
-    def __init__(self, pipeline: Pipeline, recorder: Recorder | None = None) -> None:
+    def __init__(
+        self, pipeline: Pipeline, recorder: Recorder | None = None, telemetry: Any = None
+    ) -> None:
         self._pipeline = pipeline
         self._recorder = recorder
+        self._telemetry = telemetry
         self._calls: dict[str, _Guarded] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._calls)
 
+    def _observe(self, route: Route, request: pb.BeginCallRequest, metadata: Any) -> Any:
+        if self._telemetry is None:
+            return NULL_OBSERVER
+        call = UpstreamRequest(request.operation, request.payload, None,
+                               request.idempotency_key, request.run_id)  # fmt: skip
+        return self._telemetry.call(route, call, rpc="BeginCall", stream=False,
+                                    metadata=metadata, attach=False)  # fmt: skip
+
     async def begin(
-        self, route: Route, request: pb.BeginCallRequest, deadline: Deadline
+        self,
+        route: Route,
+        request: pb.BeginCallRequest,
+        deadline: Deadline,
+        metadata: Any = None,
     ) -> pb.BeginCallResponse:
         """Answer from the journal, or admit the call through the route's gates."""
+        observed = self._observe(route, request, metadata)
+        try:
+            answer = await self._begin(route, request, deadline, observed)
+        except BaseException as exc:
+            _finish(observed, route, exc=exc)
+            raise
+        if answer.replayed:
+            observed.event("journal.replay", route.name)
+            _finish(observed, route, exc=None, replayed=True)
+        return answer
+
+    async def _begin(
+        self, route: Route, request: pb.BeginCallRequest, deadline: Deadline, observed: Any
+    ) -> pb.BeginCallResponse:
         claim = None
         if self._recorder is not None and request.run_id and request.idempotency_key:
             digest = request_hash(route.name, request.operation, False, request.payload)
@@ -158,7 +192,7 @@ class GuardedCalls:
             if claim.entry is not None:
                 return replayed_begin(claim.entry, request.idempotency_key)
         try:
-            call_id = await self._admit(route, request, deadline, claim)
+            call_id = await self._admit(route, request, deadline, claim, observed)
         except BaseException as exc:
             if claim is not None:
                 await asyncio.shield(claim.fail(exc))
@@ -166,7 +200,12 @@ class GuardedCalls:
         return pb.BeginCallResponse(call_id=call_id, idempotency_key=request.idempotency_key)
 
     async def _admit(
-        self, route: Route, request: pb.BeginCallRequest, deadline: Deadline, claim: Claim | None
+        self,
+        route: Route,
+        request: pb.BeginCallRequest,
+        deadline: Deadline,
+        claim: Claim | None,
+        observed: Any,
     ) -> str:
         try:
             body = orjson.loads(request.payload) if request.payload else None
@@ -175,15 +214,18 @@ class GuardedCalls:
         call = UpstreamRequest(
             request.operation, request.payload, body, request.idempotency_key, request.run_id
         )
-        admission = await self._pipeline.admit(route, call, deadline)
+        admission = await self._pipeline.admit(route, call, deadline, observed)
         try:
             permit = route.breaker.admit() if route.breaker is not None else None
         except BaseException as exc:
+            if isinstance(exc, errors.CircuitOpenError):
+                observed.event("breaker.rejected", route.name)
             admission.release(outcome_of(exc))  # neutral, and the token reservation refunded
             route.errors += 1
             raise
         call_id = secrets.token_hex(12)
-        guarded = _Guarded(route, admission, permit, claim)
+        guarded = _Guarded(route, admission, permit, claim, observed=observed,
+                           admitted_at=time.perf_counter())  # fmt: skip
         loop = asyncio.get_running_loop()
         guarded.lease = loop.call_later(route.attempt_timeout_s, self._expire, call_id)
         route.in_flight += 1
@@ -202,9 +244,14 @@ class GuardedCalls:
                 field="call_id",
             )
         outcome = outcome_of_end(request)
-        if request.WhichOneof("outcome") == "error":
+        failed = request.WhichOneof("outcome") == "error"
+        if failed:
             guarded.route.errors += 1
         guarded.release(outcome)
+        usage = Usage(request.usage.input_tokens, request.usage.output_tokens)
+        reported = _reported_error(request, outcome, guarded.route) if failed else None
+        _finish(guarded.observed, guarded.route, exc=reported, usage=usage,
+                executing_since=guarded.admitted_at)  # fmt: skip
         claim = guarded.claim
         if claim is None:
             return
@@ -219,7 +266,37 @@ class GuardedCalls:
             return
         guarded.lease = None
         guarded.release(NEUTRAL)
+        _finish(guarded.observed, guarded.route, exc=asyncio.CancelledError(),
+                executing_since=guarded.admitted_at)  # fmt: skip
         if guarded.claim is not None:
             task = asyncio.ensure_future(guarded.claim.abandon())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+
+def _finish(
+    observed: Any,
+    route: Route,
+    *,
+    exc: BaseException | None,
+    usage: Usage | None = None,
+    replayed: bool = False,
+    executing_since: float = 0.0,
+) -> None:
+    if observed is None or observed is NULL_OBSERVER:
+        return
+    if executing_since:
+        observed.add_upstream_time(time.perf_counter() - executing_since)
+    observed.finish(answered_by=route.name, usage=usage, exc=exc, replayed=replayed)
+
+
+def _reported_error(request: pb.EndCallRequest, outcome: Outcome, route: Route) -> BaseException:
+    """The agent's reported failure as one of our error classes (bounded metric labels)."""
+    if outcome.verdict is Verdict.NEUTRAL:
+        return asyncio.CancelledError()
+    message = f"the agent reported {request.error.type or 'an error'}: {request.error.message}"
+    if outcome.verdict is Verdict.FAILURE:
+        return errors.UpstreamUnavailableError(message[:500], upstream=route.name,
+                                               http_status=request.error.status)  # fmt: skip
+    return errors.UpstreamClientError(message[:500], upstream=route.name,
+                                      http_status=request.error.status or 400)  # fmt: skip

@@ -290,6 +290,7 @@ class Pipeline:
         trace.observer.event("retry.scheduled", route.name, attempt=attempts, delay_s=delay,
                              reason=reason)  # fmt: skip
         log.info("retrying upstream %r in %.3f s after %s", route.name, delay, reason)
+        trace.observer.exclude(delay)  # a backoff sleep is not the sidecar's overhead
         await self.clock.sleep(delay)
 
     def _admit_attempt(self, route: Route, trace: CallTrace, start: int) -> Permit | None:
@@ -455,6 +456,7 @@ class _OpenStream:
             chunk: Chunk | None = self.first
             while chunk is not None:
                 info.usage = chunk.usage or info.usage
+                info.observer.response_chunk(chunk.data)
                 yield chunk
                 chunk = await self._next(deadline)
             outcome = succeeded(info.usage)

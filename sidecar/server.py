@@ -15,7 +15,9 @@ import os
 import signal
 import socket
 import stat
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -92,6 +94,7 @@ class SidecarServer:
         recorder = self.service.recorder
         if recorder is not None:
             await recorder.store.open()
+            await self._count_in_doubt(recorder)
             self._retention = asyncio.create_task(self._retain(recorder))
         for upstream in self.upstreams.values():
             await upstream.start()
@@ -117,6 +120,20 @@ class SidecarServer:
             if removed.entries or removed.checkpoints or removed.runs:
                 log.info("journal retention removed %d entries, %d checkpoints, %d runs",
                          removed.entries, removed.checkpoints, removed.runs)  # fmt: skip
+            await self._count_in_doubt(recorder)
+
+    async def _count_in_doubt(self, recorder: Recorder) -> None:
+        """Set tether_journal_in_doubt_entries: entries begun and never completed, except
+        those of the calls executing in this process now."""
+        count_started = getattr(recorder.store, "count_started", None)
+        if count_started is None:  # a store without the query: the gauge stays at 0
+            return
+        try:
+            count = await count_started(list(recorder._running))
+        except Exception as exc:
+            log.warning("journal: could not count the entries in doubt: %s", exc)
+            return
+        self.service.telemetry.metrics.journal_in_doubt_entries.set(count)
 
     async def _set_health(self, state: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         await self.health.set("", state)
@@ -159,13 +176,18 @@ class SidecarServer:
             await upstream.close()
 
     async def close_telemetry(self) -> None:
-        """Stop the metrics port; flush spans for at most a few seconds (never hang exit)."""
+        """Stop the metrics port; flush spans for at most TELEMETRY_FLUSH_S (never hang exit).
+
+        The flush runs in a daemon thread, not the loop's executor: the loop and the
+        interpreter join executor threads at exit, and an export stuck on a hanging collector
+        would hold the exit for as long as the exporter's timeout and retries last.
+        """
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.stop()
-        flush = asyncio.to_thread(self.service.telemetry.shutdown)
-        try:
-            await asyncio.wait_for(flush, TELEMETRY_FLUSH_S)
-        except TimeoutError:
+        telemetry = self.service.telemetry
+        flushed = _in_daemon_thread(lambda: telemetry.shutdown(TELEMETRY_FLUSH_S - 0.5))
+        done, _ = await asyncio.wait({flushed}, timeout=TELEMETRY_FLUSH_S)
+        if not done:
             log.warning("telemetry: spans not flushed within %.0f s; exiting anyway",
                         TELEMETRY_FLUSH_S)  # fmt: skip
 
@@ -175,6 +197,29 @@ class SidecarServer:
             self._retention = None
         if self.service.recorder is not None:
             await self.service.recorder.store.close()
+
+
+def _in_daemon_thread(work: Callable[[], None]) -> asyncio.Future[None]:
+    """Run `work` in a daemon thread (nobody waits for it at exit); the future is done when
+    it returns. Its errors are logged, not raised."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+
+    def done() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    def run() -> None:
+        try:
+            work()
+        except Exception as exc:
+            log.warning("telemetry: flushing spans failed: %s", exc)
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(done)
+
+    threading.Thread(target=run, name="tether-telemetry-flush", daemon=True).start()
+    return future
 
 
 def _server_options(config: Config) -> list[tuple[str, int]]:

@@ -116,7 +116,7 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         self.recorder = recorder
         self.telemetry = telemetry or Telemetry(config)
         self.telemetry.watch(self.routes)
-        self.guarded = GuardedCalls(self.pipeline, recorder)
+        self.guarded = GuardedCalls(self.pipeline, recorder, self.telemetry)
         self.max_payload_bytes = config.limits.max_payload_bytes
         self.config_version = config.version()
         self.started = time.monotonic()
@@ -138,24 +138,38 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         if len(payload) > self.max_payload_bytes:
             raise errors.PayloadTooLargeError(len(payload), self.max_payload_bytes)
 
-    def _prepare(self, request: pb.CallRequest) -> tuple[Route, UpstreamRequest]:
+    def _prepare(
+        self, request: pb.CallRequest, rpc: str, context: Context
+    ) -> tuple[Route, UpstreamRequest, Any]:
+        """The route, the upstream request and its telemetry; a refusal here is recorded
+        (metrics, span, log) against the upstream when the upstream is known."""
+        started = time.perf_counter()
         check_run_key(request)
         route = self.route(request.upstream)
         upstream = route.upstream
-        parse_kind(request.kind, upstream)
-        self._check_size(request.payload)
+        operation = request.operation or DEFAULT_OPERATION[upstream.kind]
+        labels = dict(request.labels) if request.labels else {}
+        call = UpstreamRequest(operation, request.payload, None, request.idempotency_key,
+                               request.run_id, labels)  # fmt: skip
         try:
-            body = orjson.loads(request.payload)
+            parse_kind(request.kind, upstream)
+            self._check_size(request.payload)
+            call.body = self._parse(request.payload)
+            upstream.validate(call)
+        except errors.SidecarError as exc:
+            refused = self._observe(route, call, rpc, context, started)
+            refused.finish(answered_by="", usage=None, exc=exc)
+            raise
+        return route, call, self._observe(route, call, rpc, context, started)
+
+    @staticmethod
+    def _parse(payload: bytes) -> Any:
+        try:
+            return orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
             raise errors.InvalidRequestError(
                 f"payload is not JSON: {exc}", field="payload"
             ) from None
-        operation = request.operation or DEFAULT_OPERATION[upstream.kind]
-        call = UpstreamRequest(
-            operation, request.payload, body, request.idempotency_key, request.run_id
-        )
-        upstream.validate(call)
-        return route, call
 
     async def _fail(self, context: Context, exc: Exception) -> NoReturn:
         if isinstance(exc, errors.SidecarError):
@@ -171,15 +185,19 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
     def _journaled(self, request: pb.CallRequest) -> bool:
         return self.recorder is not None and bool(request.run_id and request.idempotency_key)
 
-    def _observe(self, route: Route, call: UpstreamRequest, rpc: str, context: Context) -> Any:
-        return self.telemetry.call(route, call, rpc=rpc, stream=rpc == "StreamCall",
-                                   metadata=context.invocation_metadata())  # fmt: skip
+    def _observe(
+        self, route: Route, call: UpstreamRequest, rpc: str, context: Context, started: float
+    ) -> Any:
+        metadata = context.invocation_metadata()
+        stream = rpc == "StreamCall"
+        return self.telemetry.call(
+            route, call, rpc=rpc, stream=stream, metadata=metadata, started=started
+        )
 
     async def Call(self, request: pb.CallRequest, context: Context) -> pb.CallResponse:
         observed = None
         try:
-            route, call = self._prepare(request)
-            observed = self._observe(route, call, "Call", context)
+            route, call, observed = self._prepare(request, "Call", context)
             deadline = self.pipeline.deadline(context.time_remaining())
             if self._journaled(request):
                 return await self._journaled_call(request, route, call, deadline, observed)
@@ -255,12 +273,11 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         claim: Claim | None = None
         observed = None
         try:
-            route, call = self._prepare(request)
+            route, call, observed = self._prepare(request, "StreamCall", context)
             if not route.upstream.supports_stream:
                 raise errors.InvalidRequestError(
                     f"upstream {route.name!r} does not stream; use Call", field="upstream"
                 )
-            observed = self._observe(route, call, "StreamCall", context)
             info.observer = observed
             deadline = self.pipeline.deadline(context.time_remaining())
             if self._journaled(request):
@@ -335,7 +352,7 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
             parse_kind(request.kind, route.upstream)
             self._check_size(request.payload)
             deadline = self.pipeline.deadline(context.time_remaining())
-            return await self.guarded.begin(route, request, deadline)
+            return await self.guarded.begin(route, request, deadline, context.invocation_metadata())
         except Exception as exc:
             await self._fail(context, exc)
 

@@ -1,6 +1,9 @@
 """`tether top`: the golden signals of a running sidecar in the terminal, for those without
 Grafana. Reads `GetStatus` every interval (rates come from the difference of two readings),
 and, with `--metrics URL`, latency percentiles from the Prometheus histogram.
+
+Once running, it outlives the sidecar and the metrics URL going away: the view says what
+failed, keeps the last good reading, and tries again every interval.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ PIPE_WIDTH = 160
 @dataclass
 class Reading:
     at: float
-    status: tether.Status
+    status: tether.Status | None  # None: the sidecar did not answer (see `error`)
     buckets: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    error: str = ""
 
 
 def histogram_buckets(url: str) -> dict[str, list[tuple[float, float]]]:
@@ -63,6 +67,8 @@ def quantile(q: float, now: list[tuple[float, float]], before: list[tuple[float,
 
 
 def table(now: Reading, before: Reading) -> Group:
+    """The view of two readings that both have a status."""
+    assert now.status is not None and before.status is not None
     seconds = max(now.at - before.at, 1e-9)
     status = now.status
     head = Text(
@@ -94,22 +100,62 @@ def _ms(seconds: float) -> str:
     return "-" if seconds != seconds else f"{seconds * 1000:.0f}"  # NaN: no data
 
 
-def read(client: tether.Client, metrics_url: str | None) -> Reading:
-    buckets = histogram_buckets(metrics_url) if metrics_url else {}
-    return Reading(time.monotonic(), client.status(), buckets)
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "message", None) or str(exc) or type(exc).__name__
 
 
-def run_top(address: str | None, metrics_url: str | None, interval_s: float, once: bool) -> int:
+def read(client: tether.Client, metrics_url: str | None, *, first: bool = False) -> Reading:
+    """A reading; what could not be read is said in `error`, not raised (except a sidecar
+    that does not answer the `first` reading: nothing to show)."""
+    problems = []
+    status = None
+    try:
+        status = client.status()
+    except Exception as exc:  # the sidecar went away, or answers with an error
+        if first:
+            raise
+        problems.append(f"sidecar: {_reason(exc)}")
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    if metrics_url:
+        try:
+            buckets = histogram_buckets(metrics_url)
+        except Exception as exc:  # refused, timed out, not Prometheus text
+            problems.append(f"metrics {metrics_url}: {_reason(exc)}")
+    return Reading(time.monotonic(), status, buckets, "; ".join(problems))
+
+
+def view(now: Reading, last_good: Reading) -> Group:
+    """The table of `now` against the last reading with a status, and what failed."""
+    problem = Text(f"{now.error} (trying again)", style="bold red") if now.error else Text("")
+    if now.status is not None:
+        return Group(table(now, last_good), problem)
+    ago = now.at - last_good.at
+    return Group(problem, Text(f"last reading, {ago:.0f} s ago:"), table(last_good, last_good))
+
+
+def run_top(
+    address: str | None,
+    metrics_url: str | None,
+    interval_s: float,
+    once: bool,
+    *,
+    updates: int | None = None,
+) -> int:
+    """Print one reading (`once`), or show a live view until interrupted (or `updates`)."""
     with tether.Client(address, timeout_s=5) as client:
-        before = read(client, metrics_url)
+        before = read(client, metrics_url, first=True)
         if once:
             time.sleep(interval_s)
             width = None if sys.stdout.isatty() else PIPE_WIDTH  # no terminal to measure
-            Console(width=width).print(table(read(client, metrics_url), before))
+            Console(width=width).print(view(read(client, metrics_url), before))
             return 0
-        with Live(table(before, before), refresh_per_second=4, screen=False) as live:
-            while True:
+        with Live(view(before, before), refresh_per_second=4, screen=False) as live:
+            while updates is None or updates > 0:
                 time.sleep(interval_s)
                 now = read(client, metrics_url)
-                live.update(table(now, before))
-                before = now
+                live.update(view(now, before))
+                if now.status is not None:
+                    before = now
+                if updates is not None:
+                    updates -= 1
+        return 0

@@ -32,7 +32,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import orjson
@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS entries (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_by_age ON entries (started_at);
 CREATE INDEX IF NOT EXISTS entries_by_seq ON entries (run_id, seq);
+CREATE INDEX IF NOT EXISTS entries_started ON entries (run_id) WHERE state = 'started';
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id TEXT NOT NULL, step INTEGER NOT NULL, state BLOB NOT NULL,
     metadata TEXT NOT NULL, saved_at REAL NOT NULL,
@@ -506,6 +507,25 @@ class SQLiteJournal:
             return [_entry(row) for row in rows]
 
         result: list[Entry] = await self._submit(apply, durable=False)
+        return result
+
+    async def count_started(self, excluding: Iterable[tuple[str, str]] = ()) -> int:
+        """Entries begun and not completed (STARTED), except those of the `(run_id, key)`
+        pairs in `excluding` (the calls executing now): the entries in doubt."""
+        running = list(excluding)
+
+        def apply(conn: sqlite3.Connection) -> int:
+            # No index on state: a scan of the table, once per retention pass.
+            row = conn.execute("SELECT COUNT(*) FROM entries WHERE state = 'started'").fetchone()
+            count = int(row[0])
+            for run_id, key in running:
+                count -= conn.execute(
+                    "SELECT COUNT(*) FROM entries WHERE run_id = ? AND key = ? AND state = ?",
+                    (run_id, key, State.STARTED.value),
+                ).fetchone()[0]
+            return max(count, 0)
+
+        result: int = await self._submit(apply, durable=False)
         return result
 
     # -- checkpoints and runs ------------------------------------------------------------

@@ -67,9 +67,20 @@ class Telemetry:
         return (usage.input_tokens * price.input_per_1m_usd
                 + usage.output_tokens * price.output_per_1m_usd) / 1e6  # fmt: skip
 
-    def call(self, route: Any, request: UpstreamRequest, *, rpc: str, stream: bool,
-             metadata: Any) -> TracedCall:  # fmt: skip
-        return TracedCall(self, route, request, rpc=rpc, stream=stream, metadata=metadata)
+    def call(
+        self,
+        route: Any,
+        request: UpstreamRequest,
+        *,
+        rpc: str,
+        stream: bool,
+        metadata: Any,
+        started: float | None = None,
+        attach: bool = True,
+    ) -> TracedCall:
+        """The telemetry of one call (see `TracedCall` for `started` and `attach`)."""
+        return TracedCall(self, route, request, rpc=rpc, stream=stream, metadata=metadata,
+                          started=started, attach=attach)  # fmt: skip
 
     def watch(self, routes: dict[str, Any]) -> None:
         """Follow these routes: live gauges at scrape time, breaker transitions as they happen."""
@@ -97,5 +108,6 @@ class Telemetry:
         """Called by the journal's writer thread after each commit."""
         self.metrics.journal_write.labels("true" if durable else "false").observe(seconds)
 
-    def shutdown(self) -> None:
-        self.tracing.shutdown()
+    def shutdown(self, timeout_s: float = 3.0) -> None:
+        """Flush queued spans for at most about `timeout_s`, then stop exporting."""
+        self.tracing.shutdown(timeout_s)

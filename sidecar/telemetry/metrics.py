@@ -7,7 +7,14 @@ sidecars in one process (tests) do not mix their numbers.
 
 GenAI metrics follow the OpenTelemetry GenAI semantic conventions (names with `.` as `_`,
 units as suffixes) with their advised bucket boundaries; latency histograms carry the trace
-id of the call as an OpenMetrics exemplar.
+id of the call as an OpenMetrics exemplar when the call's span is sampled and exported.
+
+`tether_overhead_seconds` is what the sidecar costs a call: the call's elapsed time, from
+when the sidecar began working on the request, minus the time spent in upstream attempts
+and minus retry backoff sleeps. It includes the sidecar's own work (parsing and checking the
+request, the policies, journal reads and writes, telemetry) and queueing for rate-limit
+tokens and bulkhead slots, which the sidecar imposes; it excludes the upstream's time and the
+backoff sleeps between attempts, which are the upstream's doing.
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ from __future__ import annotations
 import platform
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -58,6 +66,27 @@ class LabelCap:
         return value
 
 
+class Labelled:
+    """`metric.labels(*values)`, remembered by label values.
+
+    prometheus-client checks and converts the values on every `labels()` call; a call's
+    path asks for the same few children again and again. Label values are bounded (see
+    above), so this dict is too.
+    """
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 class Metrics:
     """The sidecar's metrics, in their own registry."""
 
@@ -93,7 +122,8 @@ class Metrics:
             ("upstream",), registry=r)  # fmt: skip
         self.overhead = Histogram(
             "tether_overhead_seconds",
-            "Time a call spent in the sidecar outside the upstream, queueing included.",
+            "Time a call spent in the sidecar: elapsed minus upstream attempts and backoff "
+            "sleeps (its own work and queueing for rate-limit and bulkhead slots).",
             ("upstream", "kind"), buckets=OVERHEAD_BUCKETS, registry=r)  # fmt: skip
 
         # Policies
@@ -129,6 +159,10 @@ class Metrics:
         self.journal_write = Histogram(
             "tether_journal_write_seconds", "Time from a journal write to its commit.",
             ("durable",), buckets=WRITE_BUCKETS, registry=r)  # fmt: skip
+        self.journal_in_doubt_entries = Gauge(
+            "tether_journal_in_doubt_entries",
+            "Journal entries begun and never completed, not executing now: outcome unknown "
+            "until resolved (refreshed at each retention pass).", registry=r)  # fmt: skip
 
         # Cost, telemetry, build
         self.cost = Counter(
@@ -139,6 +173,15 @@ class Metrics:
         )
         self.build = Info("tether_build", "Build information.", registry=r)
         self.build.info({"version": __version__, "python": platform.python_version()})
+
+        # Children of the per-call metrics, by label values (see `Labelled`).
+        self.calls_of = Labelled(self.calls)
+        self.attempts_of = Labelled(self.attempts)
+        self.duration_of = Labelled(self.operation_duration)
+        self.overhead_of = Labelled(self.overhead)
+        self.tokens_of = Labelled(self.token_usage)
+        self.cost_of = Labelled(self.cost)
+        self.first_chunk_of = Labelled(self.time_to_first_chunk)
 
         # Read at scrape time from the live policy state: nothing to update per call.
         self.live: Callable[[], Iterable[LiveUpstream]] = tuple

@@ -35,6 +35,7 @@ from sidecar.telemetry.metrics import Metrics
 log = logging.getLogger("tether.sidecar.telemetry")
 
 DEFAULT_SERVICE_NAME = "tether-sidecar"
+DEFAULT_MAX_QUEUE = 2048  # the SDK's default for OTEL_BSP_MAX_QUEUE_SIZE
 ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 PROTOCOL_VARS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
 
@@ -109,18 +110,38 @@ class CountingExporter(SpanExporter):
 
 
 class CountingBatchProcessor(BatchSpanProcessor):
-    """A BatchSpanProcessor that counts the spans it drops because its queue is full."""
+    """A BatchSpanProcessor that counts the spans it drops because its queue is full.
+
+    The queue's size is the SDK's own (`max_queue_size`, else `OTEL_BSP_MAX_QUEUE_SIZE`, else
+    2048), read back from the SDK's worker so any setting counts right.
+    """
 
     def __init__(self, exporter: SpanExporter, drops: _Drops, **options: Any) -> None:
         super().__init__(exporter, **options)
         self._drops = drops
-        self._max_queue = int(options.get("max_queue_size") or 2048)
+        worker = getattr(self, "_batch_processor", None)
+        self._worker_queue: Any = getattr(worker, "_queue", None)
+        size = getattr(worker, "_max_queue_size", None)
+        if not isinstance(size, int):
+            size = getattr(self._worker_queue, "maxlen", None)
+        if not isinstance(size, int):
+            size = int(options.get("max_queue_size") or DEFAULT_MAX_QUEUE)
+        self.max_queue_size = size
 
     def on_end(self, span: ReadableSpan) -> None:
-        queue = getattr(getattr(self, "_batch_processor", None), "_queue", None)
-        if queue is not None and len(queue) >= self._max_queue:
+        queue = self._worker_queue
+        if queue is not None and len(queue) >= self.max_queue_size:
             self._drops.dropped(1, "the export queue is full")
         super().on_end(span)
+
+    def shutdown_within(self, timeout_s: float) -> None:
+        """`shutdown`, waiting at most `timeout_s` for the queued spans to leave (the SDK's
+        own `shutdown` waits up to 30 s for an export stuck on a hanging collector)."""
+        worker = getattr(self, "_batch_processor", None)
+        try:
+            worker.shutdown(timeout_millis=max(0.0, timeout_s) * 1000)  # type: ignore[union-attr]
+        except (AttributeError, TypeError):  # another SDK version: its own shutdown
+            self.shutdown()  # type: ignore[no-untyped-call]
 
 
 class Tracing:
@@ -129,6 +150,7 @@ class Tracing:
     def __init__(self, metrics: Metrics, *, enabled: bool, exporter: SpanExporter | None = None):
         self.enabled = enabled
         self.provider: TracerProvider | None = None
+        self.processor: CountingBatchProcessor | None = None
         self.tracer: trace.Tracer = trace.NoOpTracer()
         if not enabled:
             return
@@ -141,14 +163,21 @@ class Tracing:
     def _start(self, metrics: Metrics, exporter: SpanExporter | None) -> None:
         service = os.environ.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME
         resource = Resource.create({"service.name": service, "service.version": __version__})
-        self.provider = TracerProvider(resource=resource)
+        # No shutdown at interpreter exit: the server flushes, bounded, when it stops; the
+        # SDK's exit hook would wait up to 30 s for an export stuck on a hanging collector.
+        self.provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         drops = _Drops(metrics)
         counted = CountingExporter(exporter or make_exporter(), drops)
-        self.provider.add_span_processor(CountingBatchProcessor(counted, drops))
+        self.processor = CountingBatchProcessor(counted, drops)
+        self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer("tether.sidecar", __version__)
         logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
 
-    def shutdown(self) -> None:
-        """Flush what can be flushed (bounded by the exporter's timeout) and stop."""
+    def shutdown(self, timeout_s: float = 3.0) -> None:
+        """Flush what can be flushed within about `timeout_s`, then stop exporting. May
+        still block on an export in progress: run it where that cannot hold up the exit
+        (the server runs it in a daemon thread)."""
+        if self.processor is not None:
+            self.processor.shutdown_within(timeout_s)
         if self.provider is not None:
             self.provider.shutdown()

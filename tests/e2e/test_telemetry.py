@@ -205,6 +205,28 @@ def test_broken_collector_never_slows_calls(
     assert dropped and float(dropped[0].split()[-1]) > 0
 
 
+def test_exit_is_prompt_with_a_hanging_collector(short_tmp: Path, receiver: OtlpReceiver) -> None:
+    """SIGTERM while span exports hang on a collector that never answers (and an export
+    timeout of 30 s): the sidecar flushes for a bounded time, waits on nothing stuck, and
+    exits 0 within 8 s; OpenTelemetry's complaints are JSON lines like every other."""
+    receiver.hang = True
+    config, address = write_config(short_tmp, {"m": {"kind": "model", "type": "mock"}})
+    log = short_tmp / "sidecar.log"
+    env = otel_env(receiver.endpoint, OTEL_EXPORTER_OTLP_TIMEOUT="30")
+    proc = start_sidecar(config, address, env=env, log=log)
+    try:
+        with tether.Client(address) as client:
+            for _ in range(600):
+                client.model("m", CHAT)
+        time.sleep(0.3)  # an export is in flight, stuck
+    finally:
+        started = time.monotonic()
+        code = stop(proc, timeout_s=60)
+    assert code == 0 and time.monotonic() - started < 8
+    lines = log.read_text().splitlines()
+    assert lines and all(line.startswith("{") for line in lines), lines
+
+
 EXPECTED = {  # family name (OpenMetrics) -> type, labels
     "gen_ai_client_operation_duration_seconds": ("histogram", {"gen_ai_operation_name",
         "gen_ai_provider_name", "gen_ai_request_model", "tether_upstream", "error_type"}),
@@ -230,6 +252,7 @@ EXPECTED = {  # family name (OpenMetrics) -> type, labels
     "tether_journal_replays": ("counter", {"upstream"}),
     "tether_journal_in_doubt": ("counter", {"upstream"}),
     "tether_journal_write_seconds": ("histogram", {"durable"}),
+    "tether_journal_in_doubt_entries": ("gauge", set()),
     "tether_cost_usd": ("counter", {"upstream", "gen_ai_request_model"}),
     "tether_telemetry_spans_dropped": ("counter", set()),
     "tether_build": ("info", {"version", "python"}),
@@ -286,7 +309,11 @@ def test_metrics_endpoint_exposes_every_metric(short_tmp: Path, receiver: OtlpRe
     }  # fmt: skip
     prices = {"*": {"input_per_1m_usd": 1.0, "output_per_1m_usd": 2.0}}
     config, address = write_config(
-        short_tmp, ups, metrics=f"127.0.0.1:{port}", telemetry={"prices": prices}
+        short_tmp,
+        ups,
+        metrics=f"127.0.0.1:{port}",
+        telemetry={"prices": prices},
+        journal={"retention": {"interval_s": 0.5}},  # refreshes the in-doubt gauge
     )
     proc = start_sidecar(config, address, env=otel_env(f"http://127.0.0.1:{free_port()}"))
     try:
@@ -315,6 +342,8 @@ def test_metrics_endpoint_exposes_every_metric(short_tmp: Path, receiver: OtlpRe
     buckets = [s for s in families["gen_ai_client_operation_duration_seconds"].samples
                if s.exemplar is not None]  # fmt: skip
     assert buckets and len(buckets[0].exemplar.labels["trace_id"]) == 32
+    (in_doubt,) = families["tether_journal_in_doubt_entries"].samples
+    assert in_doubt.value == 1  # the "stuck" tool call of run "doubt"
 
 
 def _ignore(fn: Any, *args: Any) -> None:
