@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -15,20 +14,12 @@ import tether
 from sidecar.server import SidecarServer
 from tests.integration.conftest import SidecarFactory
 from tests.integration.faults import FaultServer
-from tests.integration.support import LoopThread
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
 # A generous budget minimum: these tests count retries of single calls on a quiet upstream.
 FAST_RETRY = {"max_attempts": 4, "backoff_initial_s": 0.01, "backoff_max_s": 0.05,
               "budget_min_retries": 3}  # fmt: skip
 
-
-@pytest.fixture
-def faults(loop_thread: LoopThread) -> Iterator[FaultServer]:
-    server = FaultServer()
-    loop_thread.run(server.start())
-    yield server
-    loop_thread.run(server.stop())
 
 
 def upstream(faults: FaultServer, name: str, **policies: Any) -> dict[str, Any]:

@@ -168,20 +168,9 @@ class Status:
         )
 
 
-def call_request(
-    upstream: str,
-    kind: int,
-    operation: str,
-    payload: Any,
-    *,
-    run_id: str = "",
-    idempotency_key: str = "",
-    labels: Mapping[str, str] | None = None,
-) -> pb.CallRequest:
-    """The CallRequest for one model or tool call."""
-    fields = _request_fields(upstream, kind, operation, payload, run_id=run_id,
-                             idempotency_key=idempotency_key, labels=labels)  # fmt: skip
-    return pb.CallRequest(**fields)
+def call_request(upstream: str, kind: int, operation: str, payload: Any, **ids: Any) -> Any:
+    """The CallRequest for one model or tool call (`run_id`, `idempotency_key`, `labels`)."""
+    return pb.CallRequest(**_request_fields(upstream, kind, operation, payload, **ids))
 
 
 def _request_fields(
