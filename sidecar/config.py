@@ -65,6 +65,7 @@ class ListenConfig(_Model):
 
     grpc: list[str] = Field(default_factory=lambda: [DEFAULT_GRPC_ADDRESS], min_length=1)
     metrics: str | None = DEFAULT_METRICS_ADDRESS
+    http: str | None = None  # the OpenAI-compatible front (host:port); off when unset
     allow_remote: bool = False
 
     @field_validator("grpc", mode="before")
@@ -83,11 +84,19 @@ class ListenConfig(_Model):
                 split_host_port(address)
         return value
 
+    @field_validator("http")
+    @classmethod
+    def _http_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_host_port(value)
+        return value
+
     @model_validator(mode="after")
     def _loopback_only(self) -> ListenConfig:
         if self.allow_remote:
             return self
-        for address in [*self.grpc, *([self.metrics] if self.metrics else [])]:
+        tcp = [address for address in (self.metrics, self.http) if address]
+        for address in [*self.grpc, *tcp]:
             if address.startswith("unix:"):
                 continue
             host, _ = split_host_port(address)
@@ -283,6 +292,16 @@ UpstreamConfig = Annotated[
 ]
 
 
+class RouteConfig(_Model):
+    """A model name of the HTTP front and the model upstream that serves it.
+
+    Fallbacks come from the upstream's `policies.fallback`; a per-route `fallback` list is
+    a later step of the front and is not accepted yet.
+    """
+
+    upstream: str = Field(min_length=1)
+
+
 class RetentionConfig(_Model):
     """How long journal entries and checkpoints are kept; enforced every `interval_s`."""
 
@@ -337,6 +356,8 @@ class Config(_Model):
     auth: AuthConfig | None = None
     journal: JournalConfig = Field(default_factory=JournalConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    # model name -> upstream for the HTTP front; empty: every model upstream under its name
+    routes: dict[str, RouteConfig] = Field(default_factory=dict)
 
     @field_validator("upstreams")
     @classmethod
@@ -401,6 +422,21 @@ def _cross_check(config: Config) -> list[str]:
             elif isinstance(target, GuardedUpstreamConfig):
                 problems.append(f"{where}: {other!r} is guarded; the sidecar cannot call it")
             seen.add(other)
+    return problems + _route_problems(config)
+
+
+def _route_problems(config: Config) -> list[str]:
+    """Each route must name a model upstream the sidecar can call."""
+    problems = []
+    for model, route in config.routes.items():
+        where = f"routes.{model}.upstream"
+        target = config.upstreams.get(route.upstream)
+        if target is None:
+            problems.append(f"{where}: no upstream named {route.upstream!r}")
+        elif target.kind != "model":
+            problems.append(f"{where}: {route.upstream!r} is a {target.kind}, not a model")
+        elif isinstance(target, GuardedUpstreamConfig):
+            problems.append(f"{where}: {route.upstream!r} is guarded; the sidecar cannot call it")
     return problems
 
 

@@ -2,7 +2,8 @@
 
 `create_server(config)` binds and returns `(server, port)` without starting, so tests run it
 on port 0 or a temporary unix socket; `serve(config)` runs it until SIGTERM or SIGINT, then
-drains: health turns NOT_SERVING, new calls get UNAVAILABLE (reason DRAINING), in-flight calls
+drains: health turns NOT_SERVING, new calls get UNAVAILABLE (reason DRAINING; 503 on the HTTP
+front of `listen.http`), in-flight calls
 get `shutdown.grace_s` to finish, and the process exits 0.
 """
 
@@ -26,6 +27,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from sidecar.config import Config, resolve_secret, split_host_port
+from sidecar.http.front import HttpFront
 from sidecar.interceptors import GuardInterceptor
 from sidecar.journal.recorder import Recorder
 from sidecar.journal.sqlite import SQLiteJournal
@@ -86,6 +88,7 @@ class SidecarServer:
     grace_s: float
     addresses: list[str] = field(default_factory=list)
     metrics_endpoint: MetricsEndpoint | None = None
+    http_front: HttpFront | None = None
     _socket_paths: list[str] = field(default_factory=list)
     _retention: asyncio.Task[None] | None = None
 
@@ -101,11 +104,19 @@ class SidecarServer:
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.start()
             log.info("metrics on %s/metrics", self.metrics_endpoint.url)
+        if self.http_front is not None:
+            await self.http_front.start()
+            log.info("OpenAI-compatible front on %s/v1", self.http_front.url)
         await self.server.start()
         for path in self._socket_paths:
             os.chmod(path, 0o600)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s", ", ".join(self.addresses))
+
+    @property
+    def http_url(self) -> str | None:
+        """The HTTP front's base URL (its bound port), or None when `listen.http` is unset."""
+        return self.http_front.url if self.http_front is not None else None
 
     async def _retain(self, recorder: Recorder) -> None:
         """Apply the journal's retention rules every `interval_s`, in the background."""
@@ -147,6 +158,8 @@ class SidecarServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("draining: %d calls in flight, grace %.1f s", self.service.in_flight, grace)
         remaining = await self._wait_in_flight(grace)
+        if self.http_front is not None:
+            await self.http_front.stop()
         await self.server.stop(max(remaining, 0.1))
         await self.close_upstreams()
         await self.close_journal()
@@ -325,6 +338,8 @@ async def create_server(config: Config) -> tuple[SidecarServer, int]:
         sidecar.metrics_endpoint = MetricsEndpoint(
             config.listen.metrics, telemetry.metrics, lambda: service.serving
         )
+    if config.listen.http:
+        sidecar.http_front = HttpFront(config.listen.http, service, token)
     try:
         first_port = _bind_all(sidecar, config.listen.grpc)
     except AddressInUseError:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -45,6 +46,14 @@ PB_TO_KIND: dict[int, str] = {pb.CALL_KIND_MODEL: "model", pb.CALL_KIND_TOOL: "t
 DEFAULT_OPERATION = {"model": "chat", "tool": ""}
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Proxied:
+    """A unary call's answer and the sidecar's own share of its time."""
+
+    response: pb.CallResponse
+    overhead_s: float
 
 
 def route_status(route: Route) -> pb.UpstreamStatus:
@@ -139,7 +148,7 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
             raise errors.PayloadTooLargeError(len(payload), self.max_payload_bytes)
 
     def _prepare(
-        self, request: pb.CallRequest, rpc: str, context: Context
+        self, request: pb.CallRequest, rpc: str, metadata: Any, stream: bool
     ) -> tuple[Route, UpstreamRequest, Any]:
         """The route, the upstream request and its telemetry; a refusal here is recorded
         (metrics, span, log) against the upstream when the upstream is known."""
@@ -157,10 +166,10 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
             call.body = self._parse(request.payload)
             upstream.validate(call)
         except errors.SidecarError as exc:
-            refused = self._observe(route, call, rpc, context, started)
+            refused = self._observe(route, call, rpc, metadata, stream, started)
             refused.finish(answered_by="", usage=None, exc=exc)
             raise
-        return route, call, self._observe(route, call, rpc, context, started)
+        return route, call, self._observe(route, call, rpc, metadata, stream, started)
 
     @staticmethod
     def _parse(payload: bytes) -> Any:
@@ -186,30 +195,50 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         return self.recorder is not None and bool(request.run_id and request.idempotency_key)
 
     def _observe(
-        self, route: Route, call: UpstreamRequest, rpc: str, context: Context, started: float
+        self,
+        route: Route,
+        call: UpstreamRequest,
+        rpc: str,
+        metadata: Any,
+        stream: bool,
+        started: float,
     ) -> Any:
-        metadata = context.invocation_metadata()
-        stream = rpc == "StreamCall"
         return self.telemetry.call(
             route, call, rpc=rpc, stream=stream, metadata=metadata, started=started
         )
 
     async def Call(self, request: pb.CallRequest, context: Context) -> pb.CallResponse:
+        metadata, timeout_s = context.invocation_metadata(), context.time_remaining()
+        try:
+            return (await self.proxy(request, "Call", metadata, timeout_s)).response
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def proxy(
+        self, request: pb.CallRequest, rpc: str, metadata: Any, timeout_s: float | None
+    ) -> Proxied:
+        """One unary call, whichever front it came through: prepare, journal, pipeline and
+        telemetry; raises the call's SidecarError. `metadata` (pairs or a mapping of request
+        headers) may carry `traceparent`; `rpc` names the call in spans and metrics."""
         observed = None
         try:
-            route, call, observed = self._prepare(request, "Call", context)
-            deadline = self.pipeline.deadline(context.time_remaining())
+            route, call, observed = self._prepare(request, rpc, metadata, stream=False)
+            deadline = self.pipeline.deadline(timeout_s)
             if self._journaled(request):
-                return await self._journaled_call(request, route, call, deadline, observed)
+                response = await self._journaled_call(request, route, call, deadline, observed)
+                return Proxied(response, self._overhead_s(observed))
             result = await self.pipeline.call(route, call, deadline, CallTrace(observer=observed))
             observed.finish(answered_by=result.upstream, usage=result.response.usage, exc=None)
         except BaseException as exc:
             if observed is not None:
                 observed.finish(answered_by="", usage=None, exc=exc)
-            if not isinstance(exc, Exception):
-                raise
-            await self._fail(context, exc)
-        return self._response(request, result)
+            raise
+        return Proxied(self._response(request, result), self._overhead_s(observed))
+
+    @staticmethod
+    def _overhead_s(observed: Any) -> float:
+        """The sidecar's own share of the call so far (no upstream time, no backoff)."""
+        return float(observed.overhead(time.perf_counter() - observed.started))
 
     async def _claim(self, ident: Ident, route: Route, observed: Any) -> Claim:
         assert self.recorder is not None
@@ -268,18 +297,37 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
     async def StreamCall(
         self, request: pb.CallRequest, context: Context
     ) -> AsyncIterator[pb.StreamChunk]:
-        info = StreamInfo()
+        metadata, timeout_s = context.invocation_metadata(), context.time_remaining()
+        try:
+            proxied = self.proxy_stream(request, "StreamCall", metadata, timeout_s)
+            async with aclosing(proxied) as chunks:
+                async for message in chunks:
+                    yield message
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def proxy_stream(
+        self,
+        request: pb.CallRequest,
+        rpc: str,
+        metadata: Any,
+        timeout_s: float | None,
+        info: StreamInfo | None = None,
+    ) -> AsyncGenerator[pb.StreamChunk, None]:
+        """The streaming `proxy`: the chunks, then a final chunk; raises the call's error.
+        `info` (when given) shows the answering upstream and attempts as the stream runs."""
+        info = StreamInfo() if info is None else info
         index = 0
         claim: Claim | None = None
         observed = None
         try:
-            route, call, observed = self._prepare(request, "StreamCall", context)
+            route, call, observed = self._prepare(request, rpc, metadata, stream=True)
             if not route.upstream.supports_stream:
                 raise errors.InvalidRequestError(
                     f"upstream {route.name!r} does not stream; use Call", field="upstream"
                 )
             info.observer = observed
-            deadline = self.pipeline.deadline(context.time_remaining())
+            deadline = self.pipeline.deadline(timeout_s)
             if self._journaled(request):
                 ident = self._ident(request, route, call.operation, stream=True)
                 claim = await self._claim(ident, route, observed)
@@ -306,9 +354,7 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
                 await asyncio.shield(claim.fail(exc))
             if observed is not None:
                 observed.finish(answered_by=info.upstream, usage=None, exc=exc)
-            if not isinstance(exc, Exception):
-                raise
-            await self._fail(context, exc)
+            raise
         yield pb.StreamChunk(
             final=True,
             index=index,

@@ -154,6 +154,15 @@ class UpstreamApp:
         error = {"error": {"message": f"Incorrect API key provided: {given}"}}
         return web.Response(status=401, body=orjson.dumps(error), content_type="application/json")
 
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await self._record(request))
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": [float(len(text)), 0.5]}
+                for i, text in enumerate(inputs)]  # fmt: skip
+        answer = {"object": "list", "data": data, "model": body.get("model", "m"),
+                  "usage": {"prompt_tokens": 2, "total_tokens": 2}}  # fmt: skip
+        return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
     async def garbage(self, request: web.Request) -> web.Response:
         await self._record(request)
         return web.Response(body=b"<html>oops</html>", content_type="text/html")
@@ -168,6 +177,7 @@ class UpstreamApp:
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/tool", self.tool)
         app.router.add_post("/slow/chat/completions", self.slow_sse)
         app.router.add_post("/hang/chat/completions", self.hang)
@@ -185,10 +195,12 @@ class UpstreamApp:
 
 
 def sidecar_config(socket_path: str, upstreams: dict[str, Any], **extra: Any) -> Any:
-    """Listening on the socket and a loopback port; the journal beside the socket."""
+    """Listening on the socket and a loopback port; the journal beside the socket. A `listen`
+    mapping in `extra` adds to (or overrides) those addresses, e.g. `{"http": "127.0.0.1:0"}`."""
     extra["journal"] = {"path": f"{socket_path}.journal.db", **extra.get("journal", {})}
-    data = {"listen": {"grpc": [f"unix:{socket_path}", "127.0.0.1:0"], "metrics": None},
-            "upstreams": upstreams, **extra}  # fmt: skip
+    listen = {"grpc": [f"unix:{socket_path}", "127.0.0.1:0"], "metrics": None,
+              **extra.pop("listen", {})}  # fmt: skip
+    data = {"listen": listen, "upstreams": upstreams, **extra}
     return parse_config(data)
 
 

@@ -21,7 +21,6 @@ FAST_RETRY = {"max_attempts": 4, "backoff_initial_s": 0.01, "backoff_max_s": 0.0
               "budget_min_retries": 3}  # fmt: skip
 
 
-
 def upstream(faults: FaultServer, name: str, **policies: Any) -> dict[str, Any]:
     """A model upstream on the fault server's endpoint `name` with the given policies."""
     return {"kind": "model", "type": "openai", "base_url": faults.base_url(name),

@@ -224,3 +224,30 @@ def test_config_is_frozen() -> None:
     config = load_config_text(GOOD)
     with pytest.raises(ValueError):
         config.limits.max_payload_bytes = 1  # type: ignore[misc]
+
+
+def test_http_front_listens_on_loopback_only() -> None:
+    """listen.http must be loopback unless listen.allow_remote, and host:port."""
+    assert parse_config({"listen": {"http": "127.0.0.1:7701"}}).listen.http == "127.0.0.1:7701"
+    assert "not a loopback address" in problems_of_data({"listen": {"http": "0.0.0.0:7701"}})[0]
+    assert "expected host:port" in problems_of_data({"listen": {"http": "7701"}})[0]
+
+
+@pytest.mark.parametrize(
+    ("route", "reason"),
+    [
+        ({"upstream": "nope"}, "no upstream named 'nope'"),
+        ({"upstream": "tool"}, "'tool' is a tool, not a model"),
+        ({"upstream": "llm", "fallback": ["llm"]}, "unknown key"),
+    ],
+)
+def test_routes_must_name_model_upstreams(route: dict[str, Any], reason: str) -> None:
+    """A route names an existing model upstream; per-route fallbacks are not accepted yet."""
+    problems = problems_of_data({**http_upstreams(), "routes": {"gpt-4o": route}})
+    assert any(reason in problem for problem in problems), problems
+
+
+def test_routes_parse() -> None:
+    """A valid route maps a model name to its upstream."""
+    config = parse_config({**http_upstreams(), "routes": {"gpt-4o": {"upstream": "llm"}}})
+    assert config.routes["gpt-4o"].upstream == "llm"
