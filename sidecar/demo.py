@@ -30,7 +30,7 @@ def _write_config(directory: str, metrics: str) -> tuple[str, str]:
     `metrics`; returns (file, address)."""
     data = yaml.safe_load(default_config_text())
     address = f"unix:{directory}/tether.sock"
-    data["listen"] = {"grpc": address, "metrics": metrics}
+    data["listen"] = {"grpc": address, "metrics": metrics, "http": f"127.0.0.1:{_free_port()}"}
     data["journal"] = {"path": os.path.join(directory, "journal.db")}
     path = os.path.join(directory, "tether.yaml")
     Path(path).write_text(yaml.safe_dump(data), encoding="utf-8")
@@ -97,6 +97,19 @@ def _show_metrics(metrics: str) -> None:
             print(f"  {line}")
 
 
+def _openai_client_act(agent: str, config_path: str) -> int:
+    """The third act: an agent on the official openai client, pointed at the HTTP front."""
+    front = yaml.safe_load(Path(config_path).read_text())["listen"]["http"]
+    try:
+        import openai  # noqa: F401 - the dev extra installs it
+    except ImportError:
+        print("\ndemo: the `openai` package is not installed; skipping the unchanged-client act")
+        return 0
+    print(f"\n== an unchanged OpenAI-client agent: OPENAI_BASE_URL=http://{front}/v1 ==")
+    env = {**os.environ, "OPENAI_BASE_URL": f"http://{front}/v1", "OPENAI_API_KEY": "unused"}
+    return subprocess.run([sys.executable, agent], env=env).returncode
+
+
 def run_demo(*, agent: str, steps: int) -> int:
     """Run `agent` against a fresh sidecar; the exit code is the agent's, else the sidecar's."""
     if not Path(agent).is_file():
@@ -123,6 +136,9 @@ def run_demo(*, agent: str, steps: int) -> int:
         resumable = Path(agent).with_name("resumable_agent.py")
         if agent_code == 0 and resumable.is_file():
             agent_code = _crash_and_resume(str(resumable), env, address)
+        unchanged = Path(agent).with_name("openai_agent.py")
+        if agent_code == 0 and unchanged.is_file():
+            agent_code = _openai_client_act(str(unchanged), config_path)
         _show_metrics(metrics)
         sidecar_code = _stop(sidecar)
         print(f"demo: sidecar drained and stopped (exit code {sidecar_code})")

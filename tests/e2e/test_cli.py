@@ -105,6 +105,8 @@ def test_demo_runs_end_to_end() -> None:
     assert "sidecar drained and stopped (exit code 0)" in out
     assert re.search(r'tether_calls_total\{.*upstream="llm"\} \d+', out)  # metrics were served
     assert "docker compose up" in out
+    assert "== an unchanged OpenAI-client agent" in out  # the third act, through the HTTP front
+    assert re.search(r"question 0: answered by llm \(attempts 1", out)
 
 
 def test_top_once(short_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
