@@ -180,10 +180,18 @@ class BulkheadPolicy(_Model):
     queue_timeout_s: float = Field(2.0, ge=0)
 
 
+class StreamPolicy(_Model):
+    """Per-attempt bounds of a stream; `null`: the upstream's per-attempt timeout."""
+
+    first_chunk_timeout_s: float | None = Field(None, gt=0)  # the wait for the first chunk
+    idle_timeout_s: float | None = Field(None, gt=0)  # each gap between chunks
+
+
 class Policies(_Model):
     """Per-upstream policies; `null` turns a default-on policy off."""
 
     timeout_s: float | None = Field(None, gt=0)  # per attempt; else the upstream's timeout_s
+    stream: StreamPolicy = Field(default_factory=StreamPolicy)
     retry: RetryPolicy | None = Field(default_factory=RetryPolicy)
     breaker: BreakerPolicy | None = Field(default_factory=BreakerPolicy)
     rate_limit: RateLimitPolicy | None = None

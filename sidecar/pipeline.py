@@ -55,6 +55,9 @@ class Route:
         self.name = name
         self.upstream = upstream
         self.attempt_timeout_s = spec.attempt_timeout_s
+        # Streams: the wait for the first chunk and each gap after it (else per attempt).
+        self.first_chunk_timeout_s = policies.stream.first_chunk_timeout_s or spec.attempt_timeout_s
+        self.idle_timeout_s = policies.stream.idle_timeout_s or spec.attempt_timeout_s
         self.idempotent = spec.is_idempotent
         # How the journal treats a call to this route: idempotent only if the route and
         # every fallback that may take the call are (set by `Pipeline`).
@@ -414,7 +417,7 @@ class Pipeline:
     ) -> _OpenStream:
         permit = self._admit_attempt(route, info, start)
         span = info.observer.attempt_start(route.name, info.attempts)
-        timeout_s, by_caller = deadline.cap(route.attempt_timeout_s)
+        timeout_s, by_caller = deadline.cap(route.first_chunk_timeout_s)
         chunks = route.upstream.stream(request)
         try:
             async with asyncio.timeout(timeout_s):
@@ -463,6 +466,8 @@ class _OpenStream:
         except BaseException as exc:
             outcome = outcome_of(exc)
             route.errors += 1
+            if isinstance(exc, Exception):  # not the caller's cancellation or aclose
+                info.observer.event("stream.cut", route.name, reason=error_reason(exc))
             raise
         finally:
             try:
@@ -476,8 +481,9 @@ class _OpenStream:
                 info.observer.attempt_end(self.span, answer, outcome.error)
 
     async def _next(self, deadline: Deadline) -> Chunk | None:
-        """The next chunk within the per-attempt timeout (an idle bound) and the deadline."""
-        timeout_s, by_caller = deadline.cap(self.route.attempt_timeout_s)
+        """The next chunk within the idle bound (`policies.stream.idle_timeout_s`, else the
+        per-attempt timeout) and the deadline."""
+        timeout_s, by_caller = deadline.cap(self.route.idle_timeout_s)
         try:
             async with asyncio.timeout(timeout_s):
                 return await anext(self.chunks)
@@ -524,7 +530,7 @@ def _attempt_failed(trace: CallTrace, span: Any, permit: Permit | None, exc: Bas
 def error_reason(exc: BaseException) -> str:
     """A short, bounded reason for a failure: the HTTP status, else the error's kind."""
     status = getattr(exc, "http_status", 0)
-    if status:
+    if status >= 400:  # an error status; a 200 whose body broke is a bad response
         return str(status)
     return type(exc).__name__.removeprefix("Upstream").removesuffix("Error").lower()
 

@@ -385,6 +385,8 @@ class TracedCall(CallObserver):
             m.rate_limit_wait.labels(upstream).observe(attributes["delay_s"])
         elif name == "fallback":
             m.fallbacks.labels(upstream, attributes.get("reason", "")).inc()
+        elif name == "stream.cut":
+            m.streams_cut.labels(upstream, attributes.get("reason", "")).inc()
 
     def _genai_labels(self) -> tuple[str, str, str, str]:
         if self._labels is None:

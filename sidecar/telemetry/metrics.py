@@ -145,6 +145,9 @@ class Metrics:
         self.fallbacks = Counter(
             "tether_fallbacks", "Calls passed on to the next upstream in `fallback`.",
             ("upstream", "reason"), registry=r)  # fmt: skip
+        self.streams_cut = Counter(
+            "tether_streams_cut", "Streams that failed after their first chunk was sent.",
+            ("upstream", "reason"), registry=r)  # fmt: skip
 
         # Journal
         self.journal_replays = Counter(
