@@ -409,3 +409,41 @@ def test_refused_primary_stream_counts_only_admitted_attempts(
     assert (first.summary.upstream, first.summary.attempts) == ("backup", 2)
     assert (second.summary.upstream, second.summary.attempts) == ("backup", 1)
     assert (unary.upstream, unary.attempts) == ("backup", 1)
+
+
+def test_outage_then_recovery_under_steady_calls(
+    make_sidecar: SidecarFactory, faults: FaultServer
+) -> None:
+    """A primary down for a while, under a steady sequence of calls: the fallback serves
+    during the outage, the breaker probes, and traffic is back on the primary within one
+    reset timeout of its recovery."""
+    reset_s = 0.4
+    breaker = {"fail_max": 2, "reset_timeout_s": reset_s}
+    server = make_sidecar({
+        "primary": upstream(faults, "primary", retry=None, breaker=breaker, fallback=["backup"]),
+        "backup": upstream(faults, "backup", retry=None),
+    })  # fmt: skip
+    primary = faults.endpoint("primary")
+    served: list[tuple[float, str]] = []
+    with tether.Client(server.addresses[0]) as client:
+        started = time.monotonic()
+
+        def call_for(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                served.append((time.monotonic() - started, client.model("primary", CHAT).upstream))
+                time.sleep(0.02)
+
+        call_for(0.3)
+        primary.fail_status = 503
+        call_for(1.0)
+        primary.fail_status = 0
+        recovered = time.monotonic() - started
+        call_for(1.0)
+        status = client.status().upstreams["primary"]
+    during = [who for t, who in served if 0.35 < t < 1.3]
+    assert during and set(during) == {"backup"}  # every call answered, by the fallback
+    back = next(t for t, who in served if t > recovered and who == "primary")
+    assert back - recovered <= reset_s + 0.25, (back, recovered)  # + call spacing and jitter
+    assert all(who == "primary" for t, who in served if t > back)
+    assert status.breaker_state == "closed" and status.gauges["breaker.transitions"] >= 3
