@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import Config, ConfigError, default_config, load_config
+from sidecar.config import Config, ConfigError, default_config, load_config, secret_fields
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -42,17 +42,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def _missing_secrets(config: Config) -> list[str]:
     """Secrets the config names whose environment variables are not set here."""
-    found = []
-    for name, spec in config.upstreams.items():
-        named = {"api_key_env": getattr(spec, "api_key_env", None)}
-        for header, env in getattr(spec, "headers_env", {}).items():
-            named[f"headers_env.{header}"] = env
-        for field, env in named.items():
-            if env and not os.environ.get(env):
-                found.append(f"upstreams.{name}.{field}: environment variable {env} is not set")
-    if config.auth and not os.environ.get(config.auth.token_env):
-        found.append(f"auth.token_env: environment variable {config.auth.token_env} is not set")
-    return found
+    return [
+        f"{path}: environment variable {env} is not set"
+        for path, env in secret_fields(config)
+        if not os.environ.get(env)
+    ]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -514,3 +514,17 @@ def resolve_secret(env_name: str | None, *, what: str) -> str | None:
     if _CONTROL_CHARS.search(value):
         raise ConfigError(what, [f"environment variable {env_name} contains control characters"])
     return value
+
+
+def secret_fields(config: Config) -> list[tuple[str, str]]:
+    """Every field that names a secret: (its path, the environment variable it names)."""
+    fields = []
+    for name, spec in config.upstreams.items():
+        env = getattr(spec, "api_key_env", None)
+        if env:
+            fields.append((f"upstreams.{name}.api_key_env", env))
+        for header, var in (getattr(spec, "headers_env", None) or {}).items():
+            fields.append((f"upstreams.{name}.headers_env.{header}", var))
+    if config.auth:
+        fields.append(("auth.token_env", config.auth.token_env))
+    return fields

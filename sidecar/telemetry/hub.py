@@ -9,7 +9,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from sidecar.config import Config, resolve_secret
+from sidecar.config import Config, resolve_secret, secret_fields
 from sidecar.telemetry.calls import TracedCall
 from sidecar.telemetry.metrics import LiveUpstream, Metrics
 from sidecar.telemetry.tracing import Tracing, tracing_wanted
@@ -22,16 +22,9 @@ CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 
 def config_secrets(config: Config) -> list[str]:
     """Every secret value the configuration names (API keys, secret headers, the token)."""
-    found = []
-    for name, spec in config.upstreams.items():
-        env = getattr(spec, "api_key_env", None)
-        if env and os.environ.get(env):
-            found.append(resolve_secret(env, what=f"upstreams.{name}.api_key_env"))
-        for header, var in (getattr(spec, "headers_env", None) or {}).items():
-            if os.environ.get(var):
-                found.append(resolve_secret(var, what=f"upstreams.{name}.headers_env.{header}"))
-    if config.auth and os.environ.get(config.auth.token_env):
-        found.append(resolve_secret(config.auth.token_env, what="auth.token_env"))
+    found = [
+        resolve_secret(env, what=path) for path, env in secret_fields(config) if os.environ.get(env)
+    ]
     return [s for s in found if s]
 
 
