@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sidecar import errors
 from sidecar.config import Config
@@ -44,6 +44,7 @@ from sidecar.telemetry.calls import NULL_OBSERVER, CallObserver
 from sidecar.upstreams.base import Chunk, Upstream, UpstreamRequest, UpstreamResponse, Usage
 
 log = logging.getLogger("tether.sidecar.pipeline")
+T = TypeVar("T")
 
 
 class Route:
@@ -185,19 +186,34 @@ class Pipeline:
         if trace is None:
             trace = CallTrace()
         start = trace.attempts
+
+        def attempt(target: Route) -> Awaitable[CallResult]:
+            return self._call_route(target, request, deadline, trace)
+
+        result = await self._on_candidates(route, deadline, trace, attempt)
+        result.attempts = trace.attempts - start
+        return result
+
+    async def _on_candidates(
+        self,
+        route: Route,
+        deadline: Deadline,
+        trace: CallTrace,
+        attempt: Callable[[Route], Awaitable[T]],
+    ) -> T:
+        """`attempt` on `route`, then on its fallbacks while the failures allow it; the
+        last failure carries the attempts of every candidate."""
+        start = trace.attempts
         for target in route.candidates:
             before = trace.attempts
             try:
-                result = await self._call_route(target, request, deadline, trace)
+                return await attempt(target)
             except errors.SidecarError as exc:
                 tried = trace.attempts - before
                 if not self._next_candidate(route, target, exc, deadline, tried):
                     _set_attempts(exc, trace.attempts - start)
                     raise
                 self._fell_back(route, target, exc, trace)
-                continue
-            result.attempts = trace.attempts - start
-            return result
         raise AssertionError("unreachable: the last candidate re-raises")  # pragma: no cover
 
     def _next_candidate(
@@ -354,19 +370,11 @@ class Pipeline:
     ) -> AsyncGenerator[Chunk, None]:
         """The chunks of the call on `route` or a fallback. Failures before the first chunk
         are retried and fall back like unary calls; after it, they end the stream."""
-        start = info.attempts
-        for target in route.candidates:
-            before = info.attempts
-            try:
-                opened = await self._open_route(target, request, deadline, info)
-            except errors.SidecarError as exc:
-                tried = info.attempts - before
-                if not self._next_candidate(route, target, exc, deadline, tried):
-                    _set_attempts(exc, info.attempts - start)
-                    raise
-                self._fell_back(route, target, exc, info)
-                continue
-            break
+
+        def attempt(target: Route) -> Awaitable[_OpenStream]:
+            return self._open_route(target, request, deadline, info)
+
+        opened = await self._on_candidates(route, deadline, info, attempt)
         async with aclosing(opened.rest(deadline, info)) as rest:
             async for chunk in rest:
                 yield chunk
