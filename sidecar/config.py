@@ -154,6 +154,9 @@ class BreakerPolicy(_Model):
     reset_timeout_s: float = Field(30.0, gt=0)
     success_threshold: int = Field(1, ge=1)
     half_open_probes: int = Field(1, ge=1)
+    # when the shared state store (state.backend: redis) fails: keep serving on this
+    # replica's own breaker (fail_open) or refuse the call (fail_closed)
+    on_store_error: Literal["fail_open", "fail_closed"] = "fail_open"
 
 
 class RateLimitPolicy(_Model):
@@ -164,6 +167,9 @@ class RateLimitPolicy(_Model):
     tokens_per_min: int | None = Field(None, gt=0)
     mode: Literal["wait", "reject"] = "wait"
     max_wait_s: float = Field(5.0, ge=0)
+    # when the shared state store fails: a local limiter at 1/state.replicas of the limit
+    # (fail_open) or refuse the call (fail_closed)
+    on_store_error: Literal["fail_open", "fail_closed"] = "fail_open"
 
     @model_validator(mode="after")
     def _some_limit(self) -> RateLimitPolicy:
@@ -222,7 +228,7 @@ def _check_header_names(names: list[str]) -> None:
             raise ValueError(f"{name!r} is not a valid HTTP header name")
 
 
-class _HttpUpstreamBase(_UpstreamBase):
+class HttpUpstreamBase(_UpstreamBase):
     """What the HTTP adapters share: a key, static and secret headers, a connection pool."""
 
     api_key_env: str | None = None
@@ -251,7 +257,7 @@ class _HttpUpstreamBase(_UpstreamBase):
         return value
 
 
-class OpenAIUpstreamConfig(_HttpUpstreamBase):
+class OpenAIUpstreamConfig(HttpUpstreamBase):
     """An OpenAI-compatible API (`/chat/completions`, `/embeddings`)."""
 
     type: Literal["openai"]
@@ -259,7 +265,16 @@ class OpenAIUpstreamConfig(_HttpUpstreamBase):
     base_url: str = Field(pattern=r"^https?://")
 
 
-class HttpUpstreamConfig(_HttpUpstreamBase):
+class AnthropicUpstreamConfig(HttpUpstreamBase):
+    """Anthropic's Messages API (`/v1/messages`); `base_url` is the API root."""
+
+    type: Literal["anthropic"]
+    kind: Literal["model"] = "model"
+    base_url: str = Field(pattern=r"^https?://")
+    anthropic_version: str = Field("2023-06-01", min_length=1)  # the anthropic-version header
+
+
+class HttpUpstreamConfig(HttpUpstreamBase):
     """A generic JSON tool endpoint: the payload is POSTed, the JSON body returned."""
 
     type: Literal["http"]
@@ -295,7 +310,11 @@ class GuardedUpstreamConfig(_UpstreamBase):
 
 
 UpstreamConfig = Annotated[
-    OpenAIUpstreamConfig | HttpUpstreamConfig | MockUpstreamConfig | GuardedUpstreamConfig,
+    OpenAIUpstreamConfig
+    | AnthropicUpstreamConfig
+    | HttpUpstreamConfig
+    | MockUpstreamConfig
+    | GuardedUpstreamConfig,
     Field(discriminator="type"),
 ]
 
@@ -303,11 +322,14 @@ UpstreamConfig = Annotated[
 class RouteConfig(_Model):
     """A model name of the HTTP front and the model upstream that serves it.
 
-    Fallbacks come from the upstream's `policies.fallback`; a per-route `fallback` list is
-    a later step of the front and is not accepted yet.
+    `fallback`: the upstreams that take the call, in order, when `upstream` cannot; unset,
+    the upstream's own `policies.fallback`. `context_fallback`: a larger-context upstream
+    that takes a call the others refused as too long for their context window.
     """
 
     upstream: str = Field(min_length=1)
+    fallback: list[str] | None = None
+    context_fallback: str | None = None
 
 
 class RetentionConfig(_Model):
@@ -322,16 +344,52 @@ class RetentionConfig(_Model):
 class JournalConfig(_Model):
     """The durable call journal and checkpoints (`backend: none` turns replay off)."""
 
-    backend: Literal["sqlite", "none"] = "sqlite"
-    path: str = DEFAULT_JOURNAL_PATH
+    backend: Literal["sqlite", "postgres", "none"] = "sqlite"
+    path: str = DEFAULT_JOURNAL_PATH  # sqlite: the database file
     # full: a commit survives power loss (fsync per group commit); normal: process crashes only
     synchronous: Literal["full", "normal"] = "full"
     max_entry_bytes: int = Field(DEFAULT_MAX_ENTRY_BYTES, gt=0)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    # postgres: the libpq connection string, in the file or (with a password) in a variable
+    dsn: str | None = None
+    dsn_env: str | None = None
+    pool_min: int = Field(1, ge=0)
+    pool_max: int = Field(8, ge=1)
+    store_timeout_s: float = Field(5.0, gt=0)  # each statement's bound
+
+    @model_validator(mode="after")
+    def _postgres_dsn(self) -> JournalConfig:
+        if self.backend == "postgres" and (self.dsn is None) == (self.dsn_env is None):
+            raise ValueError("backend postgres needs exactly one of dsn or dsn_env")
+        if self.pool_min > self.pool_max:
+            raise ValueError("pool_min is larger than pool_max")
+        return self
 
     @property
     def enabled(self) -> bool:
         return self.backend != "none"
+
+
+class StateConfig(_Model):
+    """Where rate-limit buckets and breaker states live: this process (`memory`), or a Redis
+    server shared by every sidecar that names the same upstream under the same `key_prefix`."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    url: str | None = None  # redis://host:port/db, without a password
+    url_env: str | None = None  # or a variable holding the URL (with a password)
+    key_prefix: str = Field("tether", min_length=1)
+    timeout_s: float = Field(0.25, gt=0)  # each store round trip's bound
+    # how many sidecars share the store: a failed store leaves each 1/replicas of a limit
+    replicas: int = Field(1, ge=1)
+    retry_after_s: float = Field(1.0, gt=0)  # how soon a failed store is tried again
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> StateConfig:
+        if self.backend == "redis" and (self.url is None) == (self.url_env is None):
+            raise ValueError("backend redis needs exactly one of url or url_env")
+        if self.url is not None and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("url must start with redis://, rediss:// or unix://")
+        return self
 
 
 class Price(_Model):
@@ -363,6 +421,7 @@ class Config(_Model):
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     auth: AuthConfig | None = None
     journal: JournalConfig = Field(default_factory=JournalConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     # model name -> upstream for the HTTP front; empty: every model upstream under its name
     routes: dict[str, RouteConfig] = Field(default_factory=dict)
@@ -400,7 +459,7 @@ def _location(loc: tuple[int | str, ...], tags: set[str]) -> str:
 
 
 def _problems(exc: ValidationError) -> list[str]:
-    tags = {"openai", "http", "mock", "guarded"}
+    tags = {"openai", "anthropic", "http", "mock", "guarded"}
     problems = []
     for err in exc.errors(include_url=False, include_input=False):
         message = err["msg"].removeprefix("Value error, ")
@@ -413,38 +472,66 @@ def _problems(exc: ValidationError) -> list[str]:
     return problems
 
 
+def _wire(spec: Any) -> str:
+    """The request shape an upstream takes: a fallback must take the same one (the mock
+    answers every model shape)."""
+    return {"anthropic": "anthropic", "openai": "openai"}.get(spec.type, "any")
+
+
+def _target_problem(config: Config, kind: str, wire: str, other: str) -> str | None:
+    """Why upstream `other` cannot take calls meant for a `kind` upstream of `wire` shape."""
+    target = config.upstreams.get(other)
+    if target is None:
+        return f"no upstream named {other!r}"
+    if target.kind != kind:
+        return f"{other!r} is a {target.kind}, not a {kind}"
+    if isinstance(target, GuardedUpstreamConfig):
+        return f"{other!r} is guarded; the sidecar cannot call it"
+    if "any" not in (wire, _wire(target)) and wire != _wire(target):
+        return f"{other!r} takes {_wire(target)} requests, not {wire}"
+    return None
+
+
+def _list_problems(config: Config, where: str, primary: str, others: list[str]) -> list[str]:
+    problems = []
+    spec = config.upstreams[primary]
+    seen: set[str] = set()
+    for other in others:
+        if other == primary or other in seen:
+            problems.append(f"{where}: {other!r} is listed twice or is the upstream itself")
+        else:
+            problem = _target_problem(config, spec.kind, _wire(spec), other)
+            if problem:
+                problems.append(f"{where}: {problem}")
+        seen.add(other)
+    return problems
+
+
 def _cross_check(config: Config) -> list[str]:
     """Problems between fields (fallbacks must name other upstreams of the same kind)."""
     problems = []
     for name, spec in config.upstreams.items():
         where = f"upstreams.{name}.policies.fallback"
-        seen: set[str] = set()
-        for other in spec.policies.fallback:
-            target = config.upstreams.get(other)
-            if other == name or other in seen:
-                problems.append(f"{where}: {other!r} is listed twice or is the upstream itself")
-            elif target is None:
-                problems.append(f"{where}: no upstream named {other!r}")
-            elif target.kind != spec.kind:
-                problems.append(f"{where}: {other!r} is a {target.kind}, not a {spec.kind}")
-            elif isinstance(target, GuardedUpstreamConfig):
-                problems.append(f"{where}: {other!r} is guarded; the sidecar cannot call it")
-            seen.add(other)
+        problems += _list_problems(config, where, name, spec.policies.fallback)
     return problems + _route_problems(config)
 
 
 def _route_problems(config: Config) -> list[str]:
-    """Each route must name a model upstream the sidecar can call."""
+    """Each route must name model upstreams the sidecar can call."""
     problems = []
     for model, route in config.routes.items():
-        where = f"routes.{model}.upstream"
-        target = config.upstreams.get(route.upstream)
-        if target is None:
-            problems.append(f"{where}: no upstream named {route.upstream!r}")
-        elif target.kind != "model":
-            problems.append(f"{where}: {route.upstream!r} is a {target.kind}, not a model")
-        elif isinstance(target, GuardedUpstreamConfig):
-            problems.append(f"{where}: {route.upstream!r} is guarded; the sidecar cannot call it")
+        where = f"routes.{model}"
+        problem = _target_problem(config, "model", "any", route.upstream)
+        if problem:
+            problems.append(f"{where}.upstream: {problem}")
+            continue
+        if route.fallback is not None:
+            problems += _list_problems(config, f"{where}.fallback", route.upstream, route.fallback)
+        if route.context_fallback is not None:
+            spec = config.upstreams[route.upstream]
+            problem = _target_problem(config, "model", _wire(spec), route.context_fallback)
+            if problem:
+                problems.append(f"{where}.context_fallback: {problem}")
     return problems
 
 
@@ -527,4 +614,8 @@ def secret_fields(config: Config) -> list[tuple[str, str]]:
             fields.append((f"upstreams.{name}.headers_env.{header}", var))
     if config.auth:
         fields.append(("auth.token_env", config.auth.token_env))
+    if config.journal.dsn_env:
+        fields.append(("journal.dsn_env", config.journal.dsn_env))
+    if config.state.url_env:
+        fields.append(("state.url_env", config.state.url_env))
     return fields

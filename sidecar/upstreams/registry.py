@@ -5,6 +5,7 @@ from __future__ import annotations
 from sidecar.config import (
     Config,
     GuardedUpstreamConfig,
+    HttpUpstreamBase,
     HttpUpstreamConfig,
     MockUpstreamConfig,
     OpenAIUpstreamConfig,
@@ -42,7 +43,7 @@ def build_upstream(name: str, config: Config) -> Upstream:
     raise AssertionError(f"no adapter for upstream type {spec.type!r}")
 
 
-def _secret_headers(name: str, spec: OpenAIUpstreamConfig | HttpUpstreamConfig) -> dict[str, str]:
+def _secret_headers(name: str, spec: HttpUpstreamBase) -> dict[str, str]:
     """The values of `headers_env`, each read like `api_key_env` (ConfigError when missing)."""
     return {
         header: resolve_secret(env_name, what=f"upstreams.{name}.headers_env.{header}")

@@ -233,18 +233,79 @@ def test_http_front_listens_on_loopback_only() -> None:
     assert "expected host:port" in problems_of_data({"listen": {"http": "7701"}})[0]
 
 
+def route_upstreams() -> dict[str, Any]:
+    """Two openai model upstreams, an anthropic one, a mock and an http tool."""
+    data = http_upstreams()
+    data["upstreams"]["llm-big"] = {"type": "openai", "base_url": "https://big.test/v1"}
+    data["upstreams"]["claude"] = {"type": "anthropic", "base_url": "https://claude.test"}
+    data["upstreams"]["mock"] = {"type": "mock", "kind": "model"}
+    return data
+
+
 @pytest.mark.parametrize(
     ("route", "reason"),
     [
-        ({"upstream": "nope"}, "no upstream named 'nope'"),
-        ({"upstream": "tool"}, "'tool' is a tool, not a model"),
-        ({"upstream": "llm", "fallback": ["llm"]}, "unknown key"),
+        ({"upstream": "nope"}, "upstream: no upstream named 'nope'"),
+        ({"upstream": "tool"}, "upstream: 'tool' is a tool, not a model"),
+        ({"upstream": "llm", "fallback": ["llm"]}, "fallback: 'llm' is listed twice or is the"),
+        ({"upstream": "llm", "fallback": ["gone"]}, "fallback: no upstream named 'gone'"),
+        ({"upstream": "llm", "fallback": ["claude"]}, "takes anthropic requests, not openai"),
+        ({"upstream": "llm", "context_fallback": "tool"}, "context_fallback: 'tool' is a tool"),
+        ({"upstream": "claude", "context_fallback": "llm"}, "takes openai requests, not anthr"),
+        ({"upstream": "llm", "fallbacks": []}, "routes.gpt-4o.fallbacks: unknown key"),
     ],
 )
 def test_routes_must_name_model_upstreams(route: dict[str, Any], reason: str) -> None:
-    """A route names an existing model upstream; per-route fallbacks are not accepted yet."""
-    problems = problems_of_data({**http_upstreams(), "routes": {"gpt-4o": route}})
+    """A route, its fallbacks and its context fallback name model upstreams of one shape."""
+    problems = problems_of_data({**route_upstreams(), "routes": {"gpt-4o": route}})
     assert any(reason in problem for problem in problems), problems
+
+
+def test_route_fallbacks_parse() -> None:
+    """Per-route fallbacks and a context fallback; the mock takes any model shape."""
+    routes = {"gpt-4o": {"upstream": "llm", "fallback": ["mock"], "context_fallback": "llm-big"}}
+    config = parse_config({**route_upstreams(), "routes": routes})
+    assert config.routes["gpt-4o"].fallback == ["mock"]
+    assert config.routes["gpt-4o"].context_fallback == "llm-big"
+    assert parse_config(route_upstreams()).upstreams["claude"].type == "anthropic"
+
+
+def test_fallbacks_take_the_same_request_shape() -> None:
+    """An upstream's fallback must take its request shape (openai vs anthropic)."""
+    data = route_upstreams()
+    data["upstreams"]["claude"]["policies"] = {"fallback": ["llm"]}
+    problems = problems_of_data(data)
+    assert problems == [
+        "upstreams.claude.policies.fallback: 'llm' takes openai requests, not anthropic"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("section", "data", "reason"),
+    [
+        ("journal", {"backend": "postgres"}, "needs exactly one of dsn or dsn_env"),
+        ("journal", {"backend": "postgres", "dsn": "x", "dsn_env": "Y"}, "exactly one of dsn"),
+        ("journal", {"pool_min": 9, "pool_max": 2}, "pool_min is larger than pool_max"),
+        ("state", {"backend": "redis"}, "needs exactly one of url or url_env"),
+        ("state", {"backend": "redis", "url": "http://x"}, "url must start with redis://"),
+        ("state", {"replicas": 0}, "state.replicas: Input should be greater than or equal to 1"),
+    ],
+)
+def test_shared_backends_are_checked(section: str, data: dict[str, Any], reason: str) -> None:
+    """journal.backend postgres needs a DSN; state.backend redis needs a redis URL."""
+    problems = problems_of_data({section: data})
+    assert any(reason in problem for problem in problems), problems
+
+
+def test_shared_backends_parse() -> None:
+    config = parse_config(
+        {
+            "journal": {"backend": "postgres", "dsn": "postgresql://127.0.0.1/test"},
+            "state": {"backend": "redis", "url": "redis://127.0.0.1:6379/0", "replicas": 3},
+        }
+    )
+    assert config.journal.dsn == "postgresql://127.0.0.1/test"
+    assert (config.state.backend, config.state.replicas) == ("redis", 3)
 
 
 def test_routes_parse() -> None:
