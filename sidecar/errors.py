@@ -183,11 +183,15 @@ class UpstreamClientError(UpstreamError):
         http_status: int,
         body: str = "",
         retry_after_s: float | None = None,
+        context_exceeded: bool = False,
     ) -> None:
         super().__init__(
             message, upstream=upstream, http_status=http_status, retry_after_s=retry_after_s
         )
         self.body = body
+        # the request is longer than the model's context window: retrying cannot help,
+        # a larger-context model can (`routes.<model>.context_fallback`)
+        self.context_exceeded = context_exceeded
 
     def metadata(self) -> dict[str, str]:
         meta = super().metadata()

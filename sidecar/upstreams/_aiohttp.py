@@ -93,13 +93,37 @@ def provider_message(error: Any) -> str | None:
     return error if isinstance(error, str) and error else None
 
 
-def _reason(body: bytes) -> str:
+def _error_of(body: bytes) -> Any:
+    """The `error` value of an error body (OpenAI and Anthropic both use one), else None."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
-        obj = None
-    message = provider_message(obj.get("error")) if isinstance(obj, dict) else None
+        return None
+    return obj.get("error") if isinstance(obj, dict) else None
+
+
+def _reason(error: Any, body: bytes) -> str:
+    message = provider_message(error)
     return message if message is not None else body.decode("utf-8", "replace").strip()
+
+
+# How providers say a request does not fit the model's context window (OpenAI's code, and
+# the messages of OpenAI, Anthropic, vLLM, Ollama, Together, ...).
+_CONTEXT_CODES = {"context_length_exceeded", "string_above_max_length"}
+_CONTEXT_MESSAGE = re.compile(
+    r"context[ _-]?(length|window)|maximum context|prompt is too long|too many (input )?tokens",
+    re.IGNORECASE,
+)
+
+
+def context_exceeded(status: int, error: Any) -> bool:
+    """Whether a 4xx answer says the request is longer than the model's context window."""
+    if status not in (400, 413, 422):
+        return False
+    if isinstance(error, dict) and error.get("code") in _CONTEXT_CODES:
+        return True
+    message = provider_message(error)
+    return message is not None and _CONTEXT_MESSAGE.search(message) is not None
 
 
 def _phrase(status: int) -> str:
@@ -115,7 +139,8 @@ def raise_for_status(
     """Return on 2xx; raise UpstreamClientError on 4xx, UpstreamUnavailableError otherwise."""
     if 200 <= status < 300:
         return
-    reason = cut(redact(_reason(body), secrets)) or _phrase(status)
+    error = _error_of(body)
+    reason = cut(redact(_reason(error, body), secrets)) or _phrase(status)
     message = f"upstream {upstream!r} answered {status}: {reason}"
     retry_after = parse_retry_after(headers.get("Retry-After"))
     if 400 <= status < 500:
@@ -125,6 +150,7 @@ def raise_for_status(
             http_status=status,
             body=cut(_decoded(body, secrets)),
             retry_after_s=retry_after,
+            context_exceeded=context_exceeded(status, error),
         )
     raise UpstreamUnavailableError(
         message, upstream=upstream, http_status=status, retry_after_s=retry_after
