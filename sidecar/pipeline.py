@@ -14,9 +14,13 @@
   full-jitter backoff that honours Retry-After. When the breaker would refuse the next
   attempt (it tripped on this one), the last upstream error is returned at once.
 - fallback: when the upstream is open, rate limited, overloaded, or failed after its
-  retries, the next upstream in `policies.fallback` takes the call with its own gates; but
-  never after a failure that may have executed on a non-idempotent upstream (a timeout, a
-  reset: `may_have_executed`), which would risk doing its effect twice.
+  retries, the next upstream of the call's `Plan` (the route's `fallback` list, else the
+  upstream's `policies.fallback`) takes the call with its own gates; but never after a
+  failure that may have executed on a non-idempotent upstream (a timeout, a reset:
+  `may_have_executed`), which would risk doing its effect twice. An upstream that timed out
+  is not retried when a fallback can take the call: a silent upstream costs one timeout.
+  A request refused as longer than the model's context window is not retried anywhere but
+  on the plan's context fallback, when it has one.
 
 This module only composes the policies in `sidecar/policies/`.
 """
@@ -60,12 +64,8 @@ class Route:
         self.first_chunk_timeout_s = policies.stream.first_chunk_timeout_s or spec.attempt_timeout_s
         self.idle_timeout_s = policies.stream.idle_timeout_s or spec.attempt_timeout_s
         self.idempotent = spec.is_idempotent
-        # How the journal treats a call to this route: idempotent only if the route and
-        # every fallback that may take the call are (set by `Pipeline`).
-        self.journal_idempotent = spec.is_idempotent
         self.fallback_names = list(policies.fallback)
-        self.fallbacks: list[Route] = []
-        self.candidates: list[Route] = [self]  # itself, then its fallbacks in order
+        self.plan = Plan((self,))  # itself, then its fallbacks in order (set by `Pipeline`)
         self.limiter = (
             RateLimiter(name, policies.rate_limit, clock) if policies.rate_limit else None
         )
@@ -89,6 +89,30 @@ class Route:
             if part is not None:
                 gauges.update(part.status())
         return gauges
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Which routes may take a call, in order, and the one that takes a call the others
+    refused as longer than their context window."""
+
+    candidates: tuple[Route, ...]
+    context: Route | None = None
+
+    @property
+    def journal_idempotent(self) -> bool:
+        """How the journal treats the call: idempotent only if every route that may take
+        it is."""
+        return all(route.idempotent for route in self.candidates) and (
+            self.context is None or self.context.idempotent
+        )
+
+    def after(self, target: Route) -> Route | None:
+        """The candidate after `target`, if any (the context fallback has none)."""
+        if target is self.context:
+            return None
+        index = self.candidates.index(target) + 1
+        return self.candidates[index] if index < len(self.candidates) else None
 
 
 @dataclass(slots=True)
@@ -135,9 +159,30 @@ class Pipeline:
         self.clock = clock
         self.routes = {name: Route(name, up, config, clock) for name, up in upstreams.items()}
         for route in self.routes.values():
-            route.fallbacks = [self.routes[n] for n in route.fallback_names]
-            route.candidates = [route, *route.fallbacks]
-            route.journal_idempotent = all(c.idempotent for c in route.candidates)
+            route.plan = self.plan(route.name, route.fallback_names)
+
+    def plan(self, upstream: str, fallback: list[str], context: str | None = None) -> Plan:
+        """The plan of a call to `upstream`: then `fallback` in order; `context` takes a call
+        refused as too long for the others' context windows."""
+        candidates = (self.routes[upstream], *(self.routes[name] for name in fallback))
+        return Plan(candidates, self.routes[context] if context else None)
+
+    def model_plans(self, config: Config) -> dict[str, Plan]:
+        """Model name -> plan of the HTTP front: the configured routes (a route's own
+        `fallback` list replaces its upstream's), else every callable model upstream."""
+        if config.routes:
+            return {
+                model: self.plan(
+                    route.upstream,
+                    self.routes[route.upstream].fallback_names
+                    if route.fallback is None
+                    else route.fallback,
+                    route.context_fallback,
+                )
+                for model, route in config.routes.items()
+            }
+        return {name: self.routes[name].plan for name, spec in config.upstreams.items()
+                if spec.kind == "model" and spec.type != "guarded"}  # fmt: skip
 
     def deadline(self, timeout_s: float | None) -> Deadline:
         return Deadline.after(self.clock, timeout_s)
@@ -181,75 +226,92 @@ class Pipeline:
         request: UpstreamRequest,
         deadline: Deadline,
         trace: CallTrace | None = None,
+        plan: Plan | None = None,
     ) -> CallResult:
-        """The call on `route`, else on its fallbacks in order."""
+        """The call on `route`, else on the other routes of its plan (`route.plan` unless
+        given) in order."""
         if trace is None:
             trace = CallTrace()
         start = trace.attempts
 
-        def attempt(target: Route) -> Awaitable[CallResult]:
-            return self._call_route(target, request, deadline, trace)
+        def attempt(target: Route, fails_over: bool) -> Awaitable[CallResult]:
+            return self._call_route(target, request, deadline, trace, fails_over)
 
-        result = await self._on_candidates(route, deadline, trace, attempt)
+        result = await self._on_candidates(plan or route.plan, deadline, trace, attempt)
         result.attempts = trace.attempts - start
         return result
 
     async def _on_candidates(
         self,
-        route: Route,
+        plan: Plan,
         deadline: Deadline,
         trace: CallTrace,
-        attempt: Callable[[Route], Awaitable[T]],
+        attempt: Callable[[Route, bool], Awaitable[T]],
     ) -> T:
-        """`attempt` on `route`, then on its fallbacks while the failures allow it; the
-        last failure carries the attempts of every candidate."""
+        """`attempt` on the plan's first route, then on the next ones while the failures
+        allow it; the last failure carries the attempts of every candidate. `attempt`'s
+        second argument: whether a timed-out attempt should fail over rather than retry."""
         start = trace.attempts
-        for target in route.candidates:
+        target: Route | None = plan.candidates[0]
+        while target is not None:
             before = trace.attempts
+            following = plan.after(target)
             try:
-                return await attempt(target)
+                return await attempt(target, following is not None and target.idempotent)
             except errors.SidecarError as exc:
                 tried = trace.attempts - before
-                if not self._next_candidate(route, target, exc, deadline, tried):
+                following = self._next_candidate(plan, target, following, exc, deadline, tried)
+                if following is None:
                     _set_attempts(exc, trace.attempts - start)
                     raise
-                self._fell_back(route, target, exc, trace)
+                plan.candidates[0].fallbacks_used += 1
+                trace.observer.event("fallback", target.name, reason=error_reason(exc))
+            target = following
         raise AssertionError("unreachable: the last candidate re-raises")  # pragma: no cover
 
     def _next_candidate(
         self,
-        route: Route,
+        plan: Plan,
         target: Route,
+        following: Route | None,
         exc: errors.SidecarError,
         deadline: Deadline,
         attempts: int,
-    ) -> bool:
-        """Whether to try the next fallback after `target` failed with `exc` after
-        `attempts` attempts of its own."""
-        if target is route.candidates[-1]:
-            return False
+    ) -> Route | None:
+        """The route to try after `target` failed with `exc` after `attempts` attempts of
+        its own: `following`, the context fallback, or none."""
+        if isinstance(exc, errors.UpstreamClientError) and exc.context_exceeded:
+            context = plan.context
+            if context is None or target is context or deadline.expired():
+                return None
+            log.info("upstream %r: the request exceeds its context window; passing it to %r",
+                     target.name, context.name)  # fmt: skip
+            return context
+        if following is None:
+            return None
         if not target.idempotent and may_have_executed(exc, attempts):
             log.info("upstream %r may have executed the call (%s); not idempotent, so no "
                      "fallback", target.name, type(exc).__name__)  # fmt: skip
-            return False
-        fall = falls_back(exc, deadline)
-        if fall:
-            log.info("upstream %r failed (%s); falling back", target.name, type(exc).__name__)
-            route.fallbacks_used += 1
-        return fall
-
-    def _fell_back(self, route: Route, target: Route, exc: BaseException, trace: CallTrace) -> None:
-        trace.observer.event("fallback", target.name, reason=error_reason(exc))
+            return None
+        if not falls_back(exc, deadline):
+            return None
+        log.info("upstream %r failed (%s); falling back", target.name, type(exc).__name__)
+        return following
 
     async def _call_route(
-        self, route: Route, request: UpstreamRequest, deadline: Deadline, trace: CallTrace
+        self,
+        route: Route,
+        request: UpstreamRequest,
+        deadline: Deadline,
+        trace: CallTrace,
+        fails_over: bool,
     ) -> CallResult:
         admission = await self.admit(route, request, deadline, trace.observer)
         route.in_flight += 1
         start = trace.attempts
         outcome = NEUTRAL
         try:
-            result = await self._attempts(route, request, deadline, trace)
+            result = await self._attempts(route, request, deadline, trace, fails_over)
             outcome = succeeded(result.response.usage)
             return result
         except BaseException as exc:
@@ -263,7 +325,12 @@ class Pipeline:
             admission.release(outcome)
 
     async def _attempts(
-        self, route: Route, request: UpstreamRequest, deadline: Deadline, trace: CallTrace
+        self,
+        route: Route,
+        request: UpstreamRequest,
+        deadline: Deadline,
+        trace: CallTrace,
+        fails_over: bool,
     ) -> CallResult:
         if route.retrier is not None:
             route.retrier.budget.record_call()
@@ -272,7 +339,9 @@ class Pipeline:
             try:
                 response = await self._attempt(route, request, deadline, trace, start)
             except errors.UpstreamError as exc:
-                await self._before_retry(route, exc, trace.attempts - start, deadline, trace)
+                await self._before_retry(
+                    route, exc, trace.attempts - start, deadline, trace, fails_over
+                )
                 continue
             return CallResult(response, route.name, trace.attempts - start)
 
@@ -283,16 +352,19 @@ class Pipeline:
         attempts: int,
         deadline: Deadline,
         trace: CallTrace,
+        fails_over: bool,
     ) -> None:
         """Sleep the backoff before the next attempt, or re-raise `exc` when none is due:
         not retryable, attempts or budget spent, a Retry-After beyond `backoff_max_s`, a
-        backoff past the deadline, or a breaker that would refuse the next attempt."""
+        backoff past the deadline, a breaker that would refuse the next attempt, or a
+        timeout of the upstream's own when a fallback can take the call (`fails_over`)."""
         retrier = route.retrier
         if (
             retrier is None
             or not retrier.enabled
             or attempts >= retrier.policy.max_attempts
             or not retrier.retryable(exc)
+            or (fails_over and _silent(exc))
         ):
             raise exc
         delay = retrier.delay_s(exc, attempts)
@@ -367,20 +439,27 @@ class Pipeline:
         request: UpstreamRequest,
         deadline: Deadline,
         info: StreamInfo,
+        plan: Plan | None = None,
     ) -> AsyncGenerator[Chunk, None]:
-        """The chunks of the call on `route` or a fallback. Failures before the first chunk
-        are retried and fall back like unary calls; after it, they end the stream."""
+        """The chunks of the call on `route` or another route of its plan. Failures before
+        the first chunk are retried and fall back like unary calls; after it, they end the
+        stream."""
 
-        def attempt(target: Route) -> Awaitable[_OpenStream]:
-            return self._open_route(target, request, deadline, info)
+        def attempt(target: Route, fails_over: bool) -> Awaitable[_OpenStream]:
+            return self._open_route(target, request, deadline, info, fails_over)
 
-        opened = await self._on_candidates(route, deadline, info, attempt)
+        opened = await self._on_candidates(plan or route.plan, deadline, info, attempt)
         async with aclosing(opened.rest(deadline, info)) as rest:
             async for chunk in rest:
                 yield chunk
 
     async def _open_route(
-        self, route: Route, request: UpstreamRequest, deadline: Deadline, info: StreamInfo
+        self,
+        route: Route,
+        request: UpstreamRequest,
+        deadline: Deadline,
+        info: StreamInfo,
+        fails_over: bool,
     ) -> _OpenStream:
         admission = await self.admit(route, request, deadline, info.observer)
         if route.retrier is not None:
@@ -394,7 +473,8 @@ class Pipeline:
                         route, request, deadline, admission, info, start
                     )
                 except errors.UpstreamError as exc:
-                    await self._before_retry(route, exc, info.attempts - start, deadline, info)
+                    tried = info.attempts - start
+                    await self._before_retry(route, exc, tried, deadline, info, fails_over)
         except BaseException as exc:
             route.in_flight -= 1
             route.errors += 1
@@ -533,6 +613,11 @@ def _attempt_failed(trace: CallTrace, span: Any, permit: Permit | None, exc: Bas
     if permit is not None:
         permit.release(outcome_of(exc))
     trace.observer.attempt_end(span, None, exc)
+
+
+def _silent(exc: errors.UpstreamError) -> bool:
+    """A timeout of the upstream's own (not the caller's deadline): it kept silent."""
+    return isinstance(exc, errors.UpstreamTimeoutError) and not exc.caller_deadline
 
 
 def error_reason(exc: BaseException) -> str:

@@ -32,7 +32,7 @@ from sidecar.journal.wire import (
     unframe,
     usage_pb,
 )
-from sidecar.pipeline import CallResult, CallTrace, Pipeline, Route, StreamInfo
+from sidecar.pipeline import CallResult, CallTrace, Pipeline, Plan, Route, StreamInfo
 from sidecar.policies.clock import SYSTEM_CLOCK, Clock
 from sidecar.telemetry.hub import Telemetry
 from sidecar.upstreams.base import Upstream, UpstreamRequest
@@ -215,19 +215,29 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
             await self._fail(context, exc)
 
     async def proxy(
-        self, request: pb.CallRequest, rpc: str, metadata: Any, timeout_s: float | None
+        self,
+        request: pb.CallRequest,
+        rpc: str,
+        metadata: Any,
+        timeout_s: float | None,
+        plan: Plan | None = None,
     ) -> Proxied:
         """One unary call, whichever front it came through: prepare, journal, pipeline and
         telemetry; raises the call's SidecarError. `metadata` (pairs or a mapping of request
-        headers) may carry `traceparent`; `rpc` names the call in spans and metrics."""
+        headers) may carry `traceparent`; `rpc` names the call in spans and metrics; `plan`
+        (the HTTP front's route of a model) replaces the upstream's own fallbacks."""
         observed = None
         try:
             route, call, observed = self._prepare(request, rpc, metadata, stream=False)
+            plan = plan or route.plan
             deadline = self.pipeline.deadline(timeout_s)
             if self._journaled(request):
-                response = await self._journaled_call(request, route, call, deadline, observed)
+                response = await self._journaled_call(
+                    request, route, plan, call, deadline, observed
+                )
                 return Proxied(response, self._overhead_s(observed))
-            result = await self.pipeline.call(route, call, deadline, CallTrace(observer=observed))
+            trace = CallTrace(observer=observed)
+            result = await self.pipeline.call(route, call, deadline, trace, plan)
             observed.finish(answered_by=result.upstream, usage=result.response.usage, exc=None)
         except BaseException as exc:
             if observed is not None:
@@ -240,10 +250,10 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         """The sidecar's own share of the call so far (no upstream time, no backoff)."""
         return float(observed.overhead(time.perf_counter() - observed.started))
 
-    async def _claim(self, ident: Ident, route: Route, observed: Any) -> Claim:
+    async def _claim(self, ident: Ident, route: Route, plan: Plan, observed: Any) -> Claim:
         assert self.recorder is not None
         try:
-            claim = await self.recorder.claim(ident, idempotent=route.journal_idempotent)
+            claim = await self.recorder.claim(ident, idempotent=plan.journal_idempotent)
         except errors.OutcomeUnknownError:
             observed.event("journal.in_doubt", route.name)
             raise
@@ -263,16 +273,17 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         self,
         request: pb.CallRequest,
         route: Route,
+        plan: Plan,
         call: UpstreamRequest,
         deadline: Any,
         observed: Any,
     ) -> pb.CallResponse:
         ident = self._ident(request, route, call.operation, stream=False)
-        claim = await self._claim(ident, route, observed)
+        claim = await self._claim(ident, route, plan, observed)
         if claim.entry is not None:
             return replayed_response(claim.entry, request.idempotency_key)
         try:
-            result = await self.pipeline.call(route, call, deadline, claim.trace)
+            result = await self.pipeline.call(route, call, deadline, claim.trace, plan)
         except BaseException as exc:
             await asyncio.shield(claim.fail(exc))
             raise
@@ -313,6 +324,7 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         metadata: Any,
         timeout_s: float | None,
         info: StreamInfo | None = None,
+        plan: Plan | None = None,
     ) -> AsyncGenerator[pb.StreamChunk, None]:
         """The streaming `proxy`: the chunks, then a final chunk; raises the call's error.
         `info` (when given) shows the answering upstream and attempts as the stream runs."""
@@ -327,10 +339,11 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
                     f"upstream {route.name!r} does not stream; use Call", field="upstream"
                 )
             info.observer = observed
+            plan = plan or route.plan
             deadline = self.pipeline.deadline(timeout_s)
             if self._journaled(request):
                 ident = self._ident(request, route, call.operation, stream=True)
-                claim = await self._claim(ident, route, observed)
+                claim = await self._claim(ident, route, plan, observed)
             if claim is not None and claim.entry is not None:
                 async for message in self._replay_stream(claim):
                     yield message
@@ -340,7 +353,8 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
                 info.observer = observed
             kept: list[bytes] | None = [] if claim is not None else None
             # aclosing: a cancelled caller releases the permits now, not when GC gets to it
-            async with aclosing(self.pipeline.stream(route, call, deadline, info)) as chunks:
+            chunks = self.pipeline.stream(route, call, deadline, info, plan)
+            async with aclosing(chunks):
                 async for chunk in chunks:
                     yield pb.StreamChunk(data=chunk.data, index=index)
                     index += 1

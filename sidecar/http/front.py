@@ -24,9 +24,9 @@ import orjson
 from aiohttp import web
 
 from sidecar import errors
-from sidecar.config import Config, split_host_port
+from sidecar.config import split_host_port
 from sidecar.http.errors import UnknownModelError, describe
-from sidecar.pipeline import StreamInfo
+from sidecar.pipeline import Plan, StreamInfo
 from sidecar.service import SidecarService
 from tether.v1 import sidecar_pb2 as pb
 
@@ -35,14 +35,6 @@ log = logging.getLogger("tether.sidecar")
 TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 SHUTDOWN_TIMEOUT_S = 0.5  # in-flight calls have had their grace before the front stops
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def model_routes(config: Config) -> dict[str, str]:
-    """Model name -> upstream: the configured routes, else every callable model upstream."""
-    if config.routes:
-        return {model: route.upstream for model, route in config.routes.items()}
-    return {name: name for name, spec in config.upstreams.items()
-            if spec.kind == "model" and spec.type != "guarded"}  # fmt: skip
 
 
 def error_response(exc: BaseException) -> web.Response:
@@ -72,7 +64,8 @@ class HttpFront:
     def __init__(self, address: str, service: SidecarService, token: str | None) -> None:
         self.host, self.port = split_host_port(address)
         self.service = service
-        self.routes = model_routes(service.config)
+        # model name -> its plan: the upstream, its fallbacks, its context fallback
+        self.plans = service.pipeline.model_plans(service.config)
         self._expected = f"Bearer {token}".encode() if token else None
         self._runner: web.AppRunner | None = None
         self.app = web.Application(
@@ -127,7 +120,7 @@ class HttpFront:
 
     async def models(self, request: web.Request) -> web.Response:
         data = [{"id": model, "object": "model", "created": 0, "owned_by": "tether"}
-                for model in self.routes]  # fmt: skip
+                for model in self.plans]  # fmt: skip
         return web.json_response({"object": "list", "data": data}, dumps=_dumps)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -136,18 +129,21 @@ class HttpFront:
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         return await self._proxy(request, "embeddings")
 
-    def _call(self, payload: bytes, body: Any, operation: str, request: web.Request) -> Any:
+    def _call(
+        self, payload: bytes, body: Any, operation: str, request: web.Request
+    ) -> tuple[pb.CallRequest, Plan]:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise errors.InvalidRequestError("model is required", field="model")
-        upstream = self.routes.get(model)
-        if upstream is None:
-            raise UnknownModelError(model, list(self.routes))
-        return pb.CallRequest(
-            upstream=upstream, kind=pb.CALL_KIND_MODEL, operation=operation, payload=payload,
-            run_id=request.headers.get("X-Tether-Run-Id", ""),
+        plan = self.plans.get(model)
+        if plan is None:
+            raise UnknownModelError(model, list(self.plans))
+        call = pb.CallRequest(
+            upstream=plan.candidates[0].name, kind=pb.CALL_KIND_MODEL, operation=operation,
+            payload=payload, run_id=request.headers.get("X-Tether-Run-Id", ""),
             idempotency_key=request.headers.get("Idempotency-Key", ""),
         )  # fmt: skip
+        return call, plan
 
     async def _proxy(self, request: web.Request, operation: str) -> web.StreamResponse:
         payload = await request.read()  # over client_max_size: 413
@@ -157,12 +153,12 @@ class HttpFront:
             raise errors.InvalidRequestError(f"body is not JSON: {exc}", field="body") from None
         if not isinstance(body, dict):
             raise errors.InvalidRequestError("body must be a JSON object", field="body")
-        call = self._call(payload, body, operation, request)
+        call, plan = self._call(payload, body, operation, request)
         rpc = f"http.{operation}"
         trace = {name: request.headers[name] for name in TRACE_HEADERS if name in request.headers}
         if operation == "chat" and body.get("stream") is True:
-            return await self._stream(request, call, rpc, trace)
-        proxied = await self.service.proxy(call, rpc, trace, None)
+            return await self._stream(request, call, plan, rpc, trace)
+        proxied = await self.service.proxy(call, rpc, trace, None, plan)
         answer = proxied.response
         headers = {
             "X-Tether-Upstream": answer.upstream,
@@ -173,12 +169,17 @@ class HttpFront:
         return web.Response(body=answer.payload, headers=headers, content_type="application/json")
 
     async def _stream(
-        self, request: web.Request, call: Any, rpc: str, trace: dict[str, str]
+        self,
+        request: web.Request,
+        call: pb.CallRequest,
+        plan: Plan,
+        rpc: str,
+        trace: dict[str, str],
     ) -> web.StreamResponse:
         """Server-sent events; an error before the first chunk is a plain HTTP error, after
         it an in-band `data: {"error": ...}` event, and the stream ends without `[DONE]`."""
         info = StreamInfo()
-        chunks = self.service.proxy_stream(call, rpc, trace, None, info)
+        chunks = self.service.proxy_stream(call, rpc, trace, None, info, plan)
         async with aclosing(chunks):
             first = await anext(chunks)
             headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",

@@ -19,7 +19,7 @@ a crash can never make the sidecar execute it twice; a failure that may have rea
 upstream (timeout, reset, cancellation mid-call) leaves it in doubt rather than retryable. A
 call cancelled before anything was sent (even while its mark was being written) removes its
 own mark. Whether a call is idempotent for the journal is decided by the caller
-(`Route.journal_idempotent`: the route and all its fallbacks).
+(`Plan.journal_idempotent`: every route that may take the call).
 """
 
 from __future__ import annotations

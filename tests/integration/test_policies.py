@@ -85,7 +85,8 @@ def test_breaker_trips_fails_fast_and_recovers(
             started = time.perf_counter()
             with pytest.raises(tether.CircuitOpenError) as info:
                 client.model("u", CHAT)
-            assert time.perf_counter() - started < 0.005
+            # fast: far below any wait on the upstream (a loose bound: the machine is shared)
+            assert time.perf_counter() - started < 0.1
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
         assert info.value.retry_after_s is not None and 0 < info.value.retry_after_s <= 0.4
         assert ep.hits == 3

@@ -124,21 +124,44 @@ def test_slow_first_chunk_fails_over(
     assert 0.3 <= elapsed < 0.6
 
 
-def test_silent_upstream_retried_then_fails_over(
+def test_silent_upstream_fails_over_after_its_first_timeout(
     make_sidecar: SidecarFactory, streams: StreamFaultServer
 ) -> None:
-    """A silent upstream is retried up to max_attempts, each cut at first_chunk_timeout_s,
-    then the backup answers."""
-    retry = {**FAST_RETRY, "max_attempts": 2}
+    """A silent upstream with a fallback costs one first_chunk_timeout_s, not max_attempts
+    of them: the backup answers after the first."""
+    retry = {**FAST_RETRY, "max_attempts": 3}
     sidecar = with_backup(make_sidecar, streams, retry=retry,
                           stream={"first_chunk_timeout_s": 0.2})  # fmt: skip
     streams.endpoint("primary").mode = "silent"
     api = client(sidecar)
     started = time.monotonic()
-    text = text_of(api.chat.completions.create(model="primary", messages=HELLO, stream=True))
+    raw = api.chat.completions.with_raw_response.create(
+        model="primary", messages=HELLO, stream=True
+    )
+    text = text_of(raw.parse())
     elapsed = time.monotonic() - started
     assert text == TEXT
-    assert (streams.endpoint("primary").hits, streams.endpoint("backup").hits) == (2, 1)
+    assert (streams.endpoint("primary").hits, streams.endpoint("backup").hits) == (1, 1)
+    assert raw.headers["X-Tether-Attempts"] == "2"
+    assert 0.2 <= elapsed < 0.2 + 0.4
+
+
+def test_silent_upstream_without_fallback_is_retried(
+    make_sidecar: SidecarFactory, streams: StreamFaultServer
+) -> None:
+    """With nowhere to fail over, a silent upstream is retried up to max_attempts, each
+    attempt cut at first_chunk_timeout_s, then the caller gets a clean 504."""
+    retry = {**FAST_RETRY, "max_attempts": 2}
+    spec = model(streams, "primary", retry=retry, stream={"first_chunk_timeout_s": 0.2})
+    sidecar = make_sidecar({"primary": spec}, listen=HTTP)
+    streams.endpoint("primary").mode = "silent"
+    api = client(sidecar)
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as info:
+        text_of(api.chat.completions.create(model="primary", messages=HELLO, stream=True))
+    elapsed = time.monotonic() - started
+    assert info.value.status_code == 504
+    assert streams.endpoint("primary").hits == 2
     assert 0.4 <= elapsed < 0.4 + 0.05 + 0.4
 
 
