@@ -1,9 +1,10 @@
-"""Plumbing shared by the aiohttp-based adapters (`openai`, `http`).
+"""Plumbing shared by the aiohttp-based adapters (`openai`, `anthropic`, `http`).
 
 One pooled session per adapter, capped body reads, and the one mapping from HTTP statuses and
-transport failures to `sidecar.errors`. Nothing here times out on its own: the caller's
-`asyncio.timeout` and cancellation are the only clocks. Every text that may reach a caller is
-redacted with the adapter's secrets (API key, secret headers) before it leaves this module.
+transport failures to `sidecar.errors` (streams of server-sent events: `_sse`). Nothing here
+times out on its own: the caller's `asyncio.timeout` and cancellation are the only clocks.
+Every text that may reach a caller is redacted with the adapter's secrets (API key, secret
+headers) before it leaves this module.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from sidecar.config import HttpUpstreamConfig, OpenAIUpstreamConfig
+from sidecar.config import HttpUpstreamBase
 from sidecar.errors import (
     InvalidRequestError,
     UpstreamBadResponseError,
@@ -240,14 +241,36 @@ def check_header(value: str, *, field: str) -> None:
         raise InvalidRequestError(f"{field} must not contain control characters", field=field)
 
 
-def base_headers(api_key: str | None, *extra: Mapping[str, str]) -> dict[str, str]:
-    """The headers every request carries: JSON, the bearer key when set, then the config's."""
+def base_headers(
+    api_key: str | None, *extra: Mapping[str, str], key_header: str = "Authorization"
+) -> dict[str, str]:
+    """The headers every request carries: JSON, the key when set (`Authorization: Bearer`,
+    or the key alone in `key_header`), then the others in order."""
     headers = {"Content-Type": "application/json"}
     if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
+        bearer = key_header == "Authorization"
+        headers[key_header] = f"Bearer {api_key}" if bearer else api_key
     for more in extra:
         headers.update(more)
     return headers
+
+
+def payload_json(body: Any) -> bytes:
+    """`body` as JSON bytes; InvalidRequestError when it cannot be encoded."""
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError as exc:
+        raise InvalidRequestError(f"payload cannot be re-encoded: {exc}", field="payload") from None
+
+
+def unary_payload(request: UpstreamRequest, drop: tuple[str, ...] = ()) -> bytes:
+    """The payload unchanged, unless it asks to stream: then `stream` off, `drop` keys gone."""
+    body = request.body
+    if not isinstance(body, dict) or not body.get("stream"):
+        return request.payload
+    unary = {key: value for key, value in body.items() if key not in drop}
+    unary["stream"] = False
+    return payload_json(unary)
 
 
 class PooledUpstream:
@@ -256,14 +279,18 @@ class PooledUpstream:
     def __init__(
         self,
         name: str,
-        config: OpenAIUpstreamConfig | HttpUpstreamConfig,
+        config: HttpUpstreamBase,
         *,
         api_key: str | None,
         max_response_bytes: int,
         target: str,
         secret_headers: Mapping[str, str] | None = None,
+        key_header: str = "Authorization",
+        protocol_headers: Mapping[str, str] | None = None,
     ) -> None:
-        """`secret_headers`: the resolved values of `headers_env`, sent and always redacted."""
+        """`secret_headers`: the resolved values of `headers_env`, sent and always redacted;
+        `key_header`: where the API key travels; `protocol_headers`: what the API itself
+        requires (the config's headers may override them)."""
         self.name = name
         self.kind: Kind = config.kind
         self.timeout_s = config.timeout_s
@@ -272,7 +299,9 @@ class PooledUpstream:
         self._secrets = secrets_of([api_key, *secret_headers.values()])
         self._limit = max_response_bytes
         self._max_connections = config.max_connections
-        self._headers = base_headers(api_key, config.headers, secret_headers)
+        self._headers = base_headers(
+            api_key, protocol_headers or {}, config.headers, secret_headers, key_header=key_header
+        )
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
@@ -331,3 +360,13 @@ class PooledUpstream:
         body = await self._read(resp)
         raise_for_status(resp.status, body, resp.headers, upstream=self.name, secrets=self._secrets)
         return resp.status, body
+
+    def _json_object(self, body: bytes, status: int) -> dict[str, Any]:
+        """`body` parsed as a JSON object; UpstreamBadResponseError when it is not one."""
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise not_json(self.name, status, body, "parse error", self._secrets) from None
+        if not isinstance(obj, dict):
+            raise not_json(self.name, status, body, "not an object", self._secrets)
+        return obj
