@@ -1,4 +1,4 @@
-"""Payload shape checks shared by the adapters that take OpenAI-style chat payloads."""
+"""Payload shape checks shared by the adapters (and the mock) that take chat payloads."""
 
 from __future__ import annotations
 
@@ -19,3 +19,23 @@ def check_messages(messages: Any) -> None:
                 f"payload.messages[{i}] must be a JSON object, got {type(message).__name__}",
                 field="payload.messages",
             )
+
+
+def check_anthropic_messages(body: Any) -> None:
+    """InvalidRequestError unless `body` is an Anthropic Messages request: an object with a
+    list of message objects, a positive integer `max_tokens`, and a string or list `system`
+    when present."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("payload must be a JSON object", field="payload")
+    check_messages(body.get("messages"))
+    max_tokens = body.get("max_tokens")
+    if type(max_tokens) is not int or max_tokens < 1:
+        raise InvalidRequestError(
+            "payload.max_tokens must be a positive integer (Anthropic requires it)",
+            field="payload.max_tokens",
+        )
+    system = body.get("system")
+    if system is not None and not isinstance(system, str | list):
+        raise InvalidRequestError(
+            "payload.system must be a string or a list of content blocks", field="payload.system"
+        )

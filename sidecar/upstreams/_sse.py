@@ -1,7 +1,8 @@
 """Streams of server-sent events from an upstream: an incremental parser, and the base class
 of the adapters that stream (`openai`, `anthropic`).
 
-A streaming adapter implements `_stream_request`: the URL, the payload, and a decoder, a
+A streaming adapter is an HTTP API under a `base_url` with a path per operation (`paths`), and
+implements `_stream_request`: the URL, the payload, and a decoder, a
 callable that turns the data of one event into a `Chunk` for the caller, or returns `END`
 (the protocol's last event: the stream is complete) or `SKIP` (an event with nothing for the
 caller, such as a keep-alive ping). The decoder parses each event once and raises
@@ -11,13 +12,14 @@ never a complete answer.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from typing import Final
 
 import aiohttp
 
-from sidecar.errors import UpstreamBadResponseError
+from sidecar.config import AnthropicUpstreamConfig, OpenAIUpstreamConfig
+from sidecar.errors import InvalidRequestError, UpstreamBadResponseError
 from sidecar.upstreams._aiohttp import PooledUpstream, raise_for_status, too_large, transport_errors
 from sidecar.upstreams.base import Chunk, UpstreamRequest
 
@@ -72,9 +74,50 @@ class SSEParser:
 
 
 class StreamingUpstream(PooledUpstream):
-    """A pooled adapter whose streamed answers are server-sent events."""
+    """A pooled adapter of an API under `base_url` whose streamed answers are server-sent
+    events."""
 
+    paths: Mapping[str, str] = {}  # operation -> path under base_url
+    operations_hint = ""  # what the operation should be, for the error naming another one
+    key_header = "Authorization"  # where the API key travels (Authorization: Bearer KEY)
     end_event = "its last event"  # what a complete stream ends with, named in errors
+
+    def __init__(
+        self,
+        name: str,
+        config: OpenAIUpstreamConfig | AnthropicUpstreamConfig,
+        *,
+        api_key: str | None,
+        max_response_bytes: int,
+        secret_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        base_url = config.base_url.removesuffix("/")
+        super().__init__(
+            name,
+            config,
+            api_key=api_key,
+            max_response_bytes=max_response_bytes,
+            target=base_url,
+            secret_headers=secret_headers,
+            key_header=self.key_header,
+            protocol_headers=self._protocol_headers(config),
+        )
+        self._urls = {operation: base_url + path for operation, path in self.paths.items()}
+
+    def _protocol_headers(
+        self, config: OpenAIUpstreamConfig | AnthropicUpstreamConfig
+    ) -> Mapping[str, str]:
+        """Headers the API requires on every request (the config's may override them)."""
+        return {}
+
+    def _url(self, operation: str) -> str:
+        url = self._urls.get(operation)
+        if url is None:
+            raise InvalidRequestError(
+                f"upstream {self.name!r} has no operation {operation!r}; {self.operations_hint}",
+                field="operation",
+            )
+        return url
 
     def _stream_request(self, request: UpstreamRequest) -> tuple[str, bytes, Decoder]:
         """The URL, the payload and a fresh decoder of one streamed call."""

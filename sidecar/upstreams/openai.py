@@ -7,10 +7,8 @@ yields each event's JSON; a stream that ends without `data: [DONE]` is an error,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from sidecar.config import OpenAIUpstreamConfig
 from sidecar.errors import InvalidRequestError, UpstreamUnavailableError
 from sidecar.upstreams._aiohttp import (
     check_header,
@@ -44,27 +42,9 @@ class OpenAIUpstream(StreamingUpstream):
 
     type = "openai"
     supports_stream = True
+    paths = _PATHS
+    operations_hint = "use 'chat' or 'embeddings'"
     end_event = "[DONE]"
-
-    def __init__(
-        self,
-        name: str,
-        config: OpenAIUpstreamConfig,
-        *,
-        api_key: str | None,
-        max_response_bytes: int,
-        secret_headers: Mapping[str, str] | None = None,
-    ) -> None:
-        base_url = config.base_url.removesuffix("/")
-        super().__init__(
-            name,
-            config,
-            api_key=api_key,
-            max_response_bytes=max_response_bytes,
-            target=base_url,
-            secret_headers=secret_headers,
-        )
-        self._urls = {operation: base_url + path for operation, path in _PATHS.items()}
 
     def validate(self, request: UpstreamRequest) -> None:
         """InvalidRequestError for an unknown operation or a body the API would refuse."""
@@ -93,16 +73,6 @@ class OpenAIUpstream(StreamingUpstream):
     def _stream_request(self, request: UpstreamRequest) -> tuple[str, bytes, Decoder]:
         """`stream: true` with usage included; each SSE event's JSON until `[DONE]`."""
         return self._url(request.operation), _streaming_payload(request.body), self._decode
-
-    def _url(self, operation: str) -> str:
-        url = self._urls.get(operation)
-        if url is None:
-            raise InvalidRequestError(
-                f"upstream {self.name!r} has no operation {operation!r}; "
-                "use 'chat' or 'embeddings'",
-                field="operation",
-            )
-        return url
 
     def _decode(self, event: bytes) -> Chunk:
         if event == _DONE:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sidecar.config import (
+    AnthropicUpstreamConfig,
     Config,
     GuardedUpstreamConfig,
     HttpUpstreamBase,
@@ -32,6 +33,12 @@ def build_upstream(name: str, config: Config) -> Upstream:
         from sidecar.upstreams.openai import OpenAIUpstream
 
         return OpenAIUpstream(
+            name, spec, api_key=api_key, max_response_bytes=limit, secret_headers=secret_headers
+        )
+    if isinstance(spec, AnthropicUpstreamConfig):
+        from sidecar.upstreams.anthropic import AnthropicUpstream
+
+        return AnthropicUpstream(
             name, spec, api_key=api_key, max_response_bytes=limit, secret_headers=secret_headers
         )
     if isinstance(spec, HttpUpstreamConfig):
