@@ -167,6 +167,21 @@ class Metrics:
             "Journal entries begun and never completed, not executing now: outcome unknown "
             "until resolved (refreshed at each retention pass).", registry=r)  # fmt: skip
 
+        # The shared state store (state.backend: redis)
+        self.store_errors = Counter(
+            "tether_store_errors", "Shared state store operations that failed or timed out.",
+            ("store", "upstream", "policy"), registry=r)  # fmt: skip
+        self.store_fallbacks = Counter(
+            "tether_store_fallbacks",
+            "Policy decisions made without the shared state store (by on_store_error: "
+            "locally, or refused).", ("store", "upstream", "policy"), registry=r)  # fmt: skip
+        self.store_incidents = Counter(
+            "tether_store_incidents", "Times the shared state store stopped answering.",
+            ("store",), registry=r)  # fmt: skip
+        self.store_up = Gauge(
+            "tether_store_up", "1 while the shared state store answers, 0 during an incident.",
+            ("store",), registry=r)  # fmt: skip
+
         # Cost, telemetry, build
         self.cost = Counter(
             "tether_cost_usd", "Estimated cost in US dollars from the configured price table.",
