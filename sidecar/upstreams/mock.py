@@ -1,12 +1,14 @@
 """The built-in upstream: deterministic answers and injected faults, without a network.
 
-Model calls get an OpenAI-shaped answer (chat, streamed chat, embeddings); tool calls get an
-echo of their payload. Every answer carries `"hit": n`, the mock's own sequence number, so a
+Model calls get an OpenAI-shaped answer (chat, streamed chat, embeddings), or an
+Anthropic-shaped one for operation `messages` (`_mock_anthropic`); tool calls get an echo of
+their payload. Every answer carries `"hit": n`, the mock's own sequence number, so a
 replayed answer can be told from a fresh one. Faults are drawn from a seeded generator (plus
 `fail_first` hits and an optional timed `outage`), so a given config fails on the same hits
 every run:
 
-- `status`: an OpenAI-style error body with `failure_status` (4xx or 5xx);
+- `status`: an OpenAI-style (for `messages`, Anthropic-style) error body with
+  `failure_status` (4xx or 5xx);
 - `hang`: never answers (until the caller's timeout cancels it);
 - `reset`: the connection drops (mid-stream for streams, after half the chunks);
 - `garbage`: a body that is not JSON (mid-stream for streams).
@@ -24,12 +26,13 @@ import orjson
 
 from sidecar.config import MockUpstreamConfig
 from sidecar.errors import InvalidRequestError, UpstreamBadResponseError, UpstreamUnavailableError
+from sidecar.upstreams import _mock_anthropic as messages
 from sidecar.upstreams._aiohttp import raise_for_status
-from sidecar.upstreams._checks import check_messages
+from sidecar.upstreams._checks import check_anthropic_messages, check_messages
 from sidecar.upstreams.base import Chunk, UpstreamRequest, UpstreamResponse, Usage
 
 CREATED = 1_700_000_000  # a fixed timestamp keeps answers byte-for-byte deterministic
-MODEL_OPERATIONS = ("chat", "", "embeddings")
+MODEL_OPERATIONS = ("chat", "", "embeddings", "messages")
 
 
 def _text_of(content: Any) -> str:
@@ -110,11 +113,13 @@ class MockUpstream:
         if request.operation not in MODEL_OPERATIONS:
             raise InvalidRequestError(
                 f"upstream {self.name!r} has no operation {request.operation!r}; "
-                "expected chat or embeddings",
+                "expected chat, embeddings or messages",
                 field="operation",
             )
         if not isinstance(request.body, dict):
             raise InvalidRequestError("a model payload must be a JSON object", field="payload")
+        if request.operation == "messages":
+            check_anthropic_messages(request.body)
         if request.operation != "embeddings":
             check_messages(request.body.get("messages"))
             _check_tools(request.body.get("tools"))
@@ -134,7 +139,7 @@ class MockUpstream:
             self._outage_started = now
         return now - self._outage_started < outage.duration_s
 
-    async def _fail_before_answer(self) -> None:
+    async def _fail_before_answer(self, operation: str) -> None:
         kind = self._config.failure_kind
         if kind == "hang":
             await asyncio.Event().wait()
@@ -145,7 +150,12 @@ class MockUpstream:
             )
         if kind == "status":
             status = self._config.failure_status
-            body = orjson.dumps({"error": {"message": f"mock failure {status}", "type": "mock"}})
+            error = {"message": f"mock failure {status}", "type": "mock"}
+            body = (
+                messages.error_body(status)
+                if operation == "messages"
+                else orjson.dumps({"error": error})
+            )
             raise_for_status(status, body, {}, upstream=self.name, secrets=())
 
     def _garbage(self) -> UpstreamBadResponseError:
@@ -158,13 +168,16 @@ class MockUpstream:
         if self._latency_s:
             await asyncio.sleep(self._latency_s)
         if fail:
-            await self._fail_before_answer()
+            await self._fail_before_answer(request.operation)
             raise self._garbage()
         if self.kind == "tool":
             answer = {"tool": request.operation, "echo": request.body, "hit": hit}
             return UpstreamResponse(orjson.dumps(answer))
         if request.operation == "embeddings":
             return self._embeddings(request.body, hit)
+        if request.operation == "messages":
+            answer, usage = messages.message(request.body, hit)
+            return UpstreamResponse(orjson.dumps(answer), usage=usage)
         answer, usage = self._chat(request.body, hit)
         return UpstreamResponse(orjson.dumps(answer), usage=usage)
 
@@ -221,18 +234,25 @@ class MockUpstream:
         if self._latency_s:
             await asyncio.sleep(self._latency_s)
         if fail and self._config.failure_kind in ("hang", "status"):
-            await self._fail_before_answer()
-        answer, usage = self._chat(request.body, hit)
-        chunks = self._chunks(answer, hit)
+            await self._fail_before_answer(request.operation)
+        chunks = self._stream_chunks(request, hit)
         cut = len(chunks) // 2 if fail else len(chunks)
-        for data in chunks[:cut]:
-            yield Chunk(data)
+        for chunk in chunks[:cut]:
+            yield chunk
             await asyncio.sleep(0)
         if fail:
             if self._config.failure_kind == "reset":
-                await self._fail_before_answer()
+                await self._fail_before_answer(request.operation)
             raise self._garbage()
-        yield Chunk(orjson.dumps(self._usage_chunk(answer, hit)), usage=usage)
+
+    def _stream_chunks(self, request: UpstreamRequest, hit: int) -> list[Chunk]:
+        """The whole streamed answer; usage on its last chunk."""
+        if request.operation == "messages":
+            return messages.events(request.body, hit, self._config.stream_chunks)
+        answer, usage = self._chat(request.body, hit)
+        chunks = [Chunk(data) for data in self._chunks(answer, hit)]
+        chunks.append(Chunk(orjson.dumps(self._usage_chunk(answer, hit)), usage=usage))
+        return chunks
 
     def _chunk(self, answer: dict[str, Any], hit: int, delta: dict[str, Any], finish: Any) -> bytes:
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
