@@ -34,3 +34,18 @@ protos: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks (not part of `make test`): `make bench` (< 10 min; ARGS=--with-litellm adds the
+# LiteLLM proxy, installed into its own venv under ~/.cache/tether-bench), `make bench-quick`
+# (< 60 s, for everyday use). See bench/RESULTS.md.
+.PHONY: bench bench-quick
+
+$(VENV)/.bench-stamp: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-stamp
+	$(BIN)/python -m bench $(ARGS)
+
+bench-quick: $(VENV)/.bench-stamp
+	$(BIN)/python -m bench --quick $(ARGS)

@@ -1,0 +1,230 @@
+"""The benchmark harness: `python -m bench [--quick] [--with-litellm] [...]` (`make bench`).
+
+In one process tree and one run it starts an instant mock OpenAI upstream, a counting OTLP
+trace receiver, Tether sidecars (one per variant: policies and telemetry on, journal off /
+FULL / NORMAL, and a bare one) and, with `--with-litellm`, the LiteLLM proxy; then it
+calls the upstream directly, through the sidecar's gRPC path (SDK) and HTTP front
+(aiohttp), and through LiteLLM, side by side in alternating rounds, with the proxies pinned
+to CPU 0 and everything else to CPU 1. It prints the tables and the targets (PASS/MISS),
+writes `results.json` and `latency.png` (full mode: in `bench/`, with the section of
+`bench/RESULTS.md` replaced; quick mode: in `bench/out/`, RESULTS.md untouched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import tether
+from bench import litellm, machine, report, systems
+from bench.load import Keys, grpc_call, http_session
+from bench.plan import JOURNAL_FULL, LITELLM, Plan, make_plan
+from bench.plot import plot
+from bench.procs import LOAD_CPU, Child, can_pin, pin_self
+from bench.profile import record
+from bench.runner import Runner
+from bench.targets import evaluate
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer scenarios and calls (<60 s)")
+    parser.add_argument("--with-litellm", action="store_true", help="also measure LiteLLM")
+    parser.add_argument("--calls", type=int, help="calls per system in every scenario")
+    parser.add_argument("--memory-calls", type=int, help="calls of the memory run (0: none)")
+    parser.add_argument("--scenarios", help="only these scenarios (keys, comma-separated)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
+    parser.add_argument("--out", type=Path, help="where results.json and latency.png go")
+    parser.add_argument(
+        "--record",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="update bench/RESULTS.md (default: in full mode)",
+    )
+    parser.add_argument("--note", default="", help="a note for the RESULTS.md section")
+    parser.add_argument("--litellm-spec", default=litellm.DEFAULT_SPEC)
+    parser.add_argument("--litellm-venv", type=Path, default=litellm.DEFAULT_VENV)
+    return parser.parse_args(argv)
+
+
+def setup_text(plan: Plan, spans: int) -> str:
+    pinning = "proxies pinned to CPU 0; harness, load generator, mock upstream and OTLP "
+    pinning += "receiver to CPU 1" if can_pin() else "(no pinning: fewer than 2 cores)"
+    return (
+        f"Setup: {pinning}. Upstream: `bench.upstream_server` (aiohttp, instant answers). "
+        f"{plan.rounds} alternating rounds per scenario after a warm-up; a round stops early "
+        f"after {plan.round_max_s:.0f} s (LiteLLM). Sidecars: policies on (breaker, retry, "
+        "rate limit at 1M/s, bulkhead of 512) and every call traced and exported to a real "
+        f"OTLP/gRPC receiver ({spans:,} spans received); the `bare` variant has neither. gRPC "
+        "over a unix socket with the SDK's AsyncClient; HTTP with one aiohttp client for "
+        "direct, the sidecar's front and LiteLLM alike."
+    )
+
+
+async def measure(plan: Plan, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Start everything, run the plan, stop everything; the results (without targets)."""
+    children: list[Child] = []
+    result: dict[str, Any] = {"fsync_ms": machine.fsync_ms(tmp), "startup": {}}
+    command = None
+    if plan.with_litellm:
+        command = await asyncio.to_thread(litellm.ensure_venv, args.litellm_venv, args.litellm_spec)
+        result["litellm"] = {
+            "spec": args.litellm_spec,
+            "version": litellm.version(args.litellm_venv),
+        }
+    mock, upstream_url = systems.start_mock(tmp)
+    otlp, endpoint = systems.start_otlp_sink(tmp)
+    children += [mock]
+    proxies: dict[str, systems.Proxy] = {}
+    try:
+        for variant in plan.variants:
+            proxies[variant.name] = await systems.start_sidecar(
+                variant, upstream_url, endpoint, tmp
+            )
+            children.append(proxies[variant.name].child)
+            print(f"started {variant.name} in {proxies[variant.name].startup_s:.2f} s", flush=True)
+        if command is not None:
+            proxies[LITELLM] = await litellm.start_litellm(command, upstream_url, tmp)
+            children.append(proxies[LITELLM].child)
+            print(f"started litellm in {proxies[LITELLM].startup_s:.2f} s", flush=True)
+        for name, proxy in proxies.items():
+            key = name if name == LITELLM else proxy.name
+            result["startup"][key] = {
+                "first_call_s": proxy.startup_s,
+                "first_http_call_s": proxy.http_startup_s,
+            }
+        await _run_plan(plan, proxies, upstream_url, tmp, result)
+    finally:
+        for child in reversed(children):
+            child.stop()
+        spans = systems.stop_otlp_sink(otlp)
+    result["otlp_spans"] = spans
+    result["setup"] = setup_text(plan, spans)
+    return result
+
+
+async def _run_plan(
+    plan: Plan,
+    proxies: dict[str, systems.Proxy],
+    upstream_url: str,
+    tmp: Path,
+    result: dict[str, Any],
+) -> None:
+    grpc = {
+        name: tether.AsyncClient(p.grpc_address, timeout_s=60)
+        for name, p in proxies.items()
+        if p.grpc_address
+    }
+    try:
+        async with http_session() as session:
+            runner = Runner(
+                plan, upstream_url=upstream_url, proxies=proxies, session=session, grpc=grpc
+            )
+            result["scenarios"] = {}
+            for scenario in plan.scenarios:
+                began = time.perf_counter()
+                found = await runner.scenario(scenario)
+                result["scenarios"][scenario.key] = {
+                    "title": scenario.title,
+                    "concurrency": scenario.concurrency,
+                    "stream": scenario.stream,
+                    "variant": scenario.variant.name,
+                    "calls_per_system": scenario.calls,
+                    "systems": found,
+                }
+                print(f"{scenario.title}: {time.perf_counter() - began:.1f} s", flush=True)
+            if plan.memory_calls:
+                print(f"memory run: {plan.memory_calls:,} calls...", flush=True)
+                result["memory"] = await runner.memory(plan.memory_calls, JOURNAL_FULL.name)
+            if plan.profile_s:
+                proxy = proxies[JOURNAL_FULL.name]
+                call = grpc_call(grpc[JOURNAL_FULL.name], stream=False, keys=Keys("profile"))
+                found_profile = await record(
+                    proxy.child.pid, call, seconds=plan.profile_s, out=tmp / "profile.txt"
+                )
+                if found_profile:
+                    result["profile"] = {"proxy": proxy.name, **found_profile}
+    finally:
+        for client in grpc.values():
+            await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    plan = make_plan(
+        quick=args.quick,
+        with_litellm=args.with_litellm,
+        calls=args.calls,
+        memory_calls=args.memory_calls,
+        profile=not args.no_profile,
+        only=args.scenarios.split(",") if args.scenarios else None,
+    )
+    out = args.out or (HERE / "out" if args.quick else HERE)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    pin_self(LOAD_CPU)
+    result: dict[str, Any] = {
+        "mode": plan.mode,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": "python -m bench " + shlex.join(argv),
+        "note": args.note,
+        "machine": machine.describe(),
+        "versions": machine.versions(),
+    }
+    with tempfile.TemporaryDirectory(prefix="tb-", dir="/tmp") as tmp:
+        result |= _run_loop(measure(plan, args, Path(tmp)))
+    result["machine"]["load_average_end"] = machine.load_average()
+    result["elapsed_s"] = time.perf_counter() - started
+    targets = evaluate(result)
+    result["targets"] = targets
+    print("\n" + report.console(result, targets), flush=True)
+    failed = report.failures(result)
+    for line in failed:
+        print(f"ERRORS: {line}", flush=True)
+    _write(result, targets, out, record=_should_record(args, plan, failed))
+    print(f"took {result['elapsed_s']:.0f} s", flush=True)
+    return 1 if failed else 0
+
+
+def _should_record(args: argparse.Namespace, plan: Plan, failed: list[str]) -> bool:
+    """Update RESULTS.md? As asked; by default in full mode, and never after failed calls."""
+    if args.record is not None:
+        return bool(args.record)
+    return plan.mode == "full" and not failed
+
+
+def _write(
+    result: dict[str, Any], targets: list[dict[str, Any]], out: Path, *, record: bool
+) -> None:
+    report.write_json(out / "results.json", result)
+    drawn = plot(result, out / "latency.png")
+    print(f"wrote {out / 'results.json'}" + (" and latency.png" if drawn else ""), flush=True)
+    if record:
+        png = "latency.png" if drawn and out == HERE else None
+        report.update_results_md(HERE / "RESULTS.md", report.section(result, targets, png))
+        print(f"updated {HERE / 'RESULTS.md'}", flush=True)
+
+
+def _run_loop(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop ships with the sidecar on POSIX
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""What a run measures: the sidecar variants, the systems and the scenarios, full or quick.
+
+A *system* is one way of making a call: `direct` (aiohttp to the mock upstream),
+`tether-grpc` (the SDK's AsyncClient to the sidecar), `tether-http` (aiohttp to the sidecar's
+OpenAI-compatible front), `litellm` (aiohttp to the LiteLLM proxy). A scenario runs its
+systems in alternating rounds against the sidecar *variant* it names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+DIRECT, GRPC, HTTP, LITELLM = "direct", "tether-grpc", "tether-http", "litellm"
+TETHER_SYSTEMS = (GRPC, HTTP)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One sidecar process: which policies, journal and telemetry it runs with."""
+
+    name: str
+    journal: str = "none"  # none | full | normal (SQLite synchronous)
+    policies: bool = True  # breaker, retry, rate limit (set high), bulkhead
+    telemetry: bool = True  # spans exported to the harness's OTLP receiver
+
+
+MAIN = Variant("main")
+BARE = Variant("bare", policies=False, telemetry=False)
+JOURNAL_FULL = Variant("journal-full", journal="full")
+JOURNAL_NORMAL = Variant("journal-normal", journal="normal")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Systems compared side by side, in alternating rounds, under one load shape."""
+
+    key: str
+    title: str
+    concurrency: int
+    calls: int  # per system, over all rounds
+    variant: Variant = MAIN
+    stream: bool = False
+    systems: tuple[str, ...] = (DIRECT, GRPC, HTTP, LITELLM)
+
+    @property
+    def latency(self) -> bool:
+        """A latency scenario (concurrency 1) rather than a throughput one."""
+        return self.concurrency == 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one run does."""
+
+    mode: str  # full | quick
+    scenarios: tuple[Scenario, ...]
+    rounds: int
+    warmup_calls: int
+    round_max_s: float  # a round stops early after this long (a slow proxy: LiteLLM)
+    memory_calls: int = 0  # the 100k-call memory run; 0: none
+    profile_s: float = 0.0  # py-spy under c=32 load; 0: none
+    with_litellm: bool = False
+    variants: tuple[Variant, ...] = field(default=())
+
+    def systems(self) -> set[str]:
+        return {system for scenario in self.scenarios for system in scenario.systems}
+
+
+def _full() -> list[Scenario]:
+    tether = (DIRECT, GRPC, HTTP)
+    return [
+        Scenario("c1", "latency, c=1, unary", 1, 2000),
+        Scenario(
+            "c1-bare", "latency, c=1, policies and telemetry off", 1, 2000, BARE, systems=tether
+        ),
+        Scenario("c1-jfull", "latency, c=1, journal FULL", 1, 2000, JOURNAL_FULL, systems=tether),
+        Scenario(
+            "c1-jnormal", "latency, c=1, journal NORMAL", 1, 2000, JOURNAL_NORMAL, systems=tether
+        ),
+        Scenario("c1-stream", "first chunk, c=1, streaming", 1, 1000, stream=True),
+        Scenario("c32", "throughput, c=32, unary", 32, 8000),
+        Scenario(
+            "c32-jfull", "throughput, c=32, journal FULL", 32, 8000, JOURNAL_FULL, systems=tether
+        ),
+        Scenario(
+            "c32-jnormal",
+            "throughput, c=32, journal NORMAL",
+            32,
+            8000,
+            JOURNAL_NORMAL,
+            systems=tether,
+        ),
+        Scenario("c32-stream", "first chunk, c=32, streaming", 32, 4000, stream=True),
+        Scenario("c128", "throughput, c=128, unary", 128, 8000),
+    ]
+
+
+def _quick() -> list[Scenario]:
+    tether = (DIRECT, GRPC, HTTP)
+    return [
+        Scenario("c1", "latency, c=1, unary", 1, 600, systems=tether),
+        Scenario("c1-jfull", "latency, c=1, journal FULL", 1, 600, JOURNAL_FULL, systems=tether),
+        Scenario("c1-stream", "first chunk, c=1, streaming", 1, 300, stream=True, systems=tether),
+        Scenario("c32", "throughput, c=32, unary", 32, 3000, systems=tether),
+        Scenario(
+            "c32-jfull", "throughput, c=32, journal FULL", 32, 3000, JOURNAL_FULL, systems=tether
+        ),
+    ]
+
+
+def make_plan(
+    *,
+    quick: bool,
+    with_litellm: bool,
+    calls: int | None = None,
+    memory_calls: int | None = None,
+    profile: bool = True,
+    only: list[str] | None = None,
+) -> Plan:
+    """The plan of a full or quick run; `calls` overrides every scenario's call count."""
+    scenarios = _quick() if quick else _full()
+    if only:
+        unknown = set(only) - {s.key for s in _full() + _quick()}
+        if unknown:
+            raise ValueError(f"unknown scenarios: {', '.join(sorted(unknown))}")
+        scenarios = [s for s in _full() if s.key in only]
+    if not with_litellm:
+        scenarios = [
+            replace(s, systems=tuple(x for x in s.systems if x != LITELLM)) for s in scenarios
+        ]
+    if calls is not None:
+        scenarios = [replace(s, calls=max(calls, s.concurrency * 2)) for s in scenarios]
+    memory = (0 if quick else 100_000) if memory_calls is None else memory_calls
+    profile_s = 0.0 if quick or not profile else 8.0
+    variants = tuple(dict.fromkeys(s.variant for s in scenarios))
+    if (memory or profile_s) and JOURNAL_FULL not in variants:
+        variants += (JOURNAL_FULL,)  # the memory run and the profile use it
+    return Plan(
+        mode="quick" if quick else "full",
+        scenarios=tuple(scenarios),
+        rounds=2 if quick else 4,
+        warmup_calls=100 if quick else 300,
+        round_max_s=3.0 if quick else 6.0,
+        memory_calls=memory,
+        profile_s=profile_s,
+        with_litellm=with_litellm,
+        variants=variants,
+    )
