@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "note": args.note,
         "machine": machine.describe(),
         "versions": machine.versions(),
+        "code": machine.code_under_test(),
     }
     with tempfile.TemporaryDirectory(prefix="tb-", dir="/tmp") as tmp:
         result |= _run_loop(measure(plan, args, Path(tmp)))

@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -76,3 +77,18 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             found[name] = "not installed"
     return found
+
+
+def code_under_test() -> dict[str, Any]:
+    """Where the measured `sidecar` package comes from, its commit, and whether the sidecar
+    or SDK had uncommitted changes there (a shared work tree measures others' edits too)."""
+    import sidecar
+
+    root = Path(sidecar.__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        return run.stdout.strip() if run.returncode == 0 else ""
+
+    dirty = bool(git("status", "--porcelain", "--", "sidecar", "sdk"))
+    return {"path": str(root), "commit": git("rev-parse", "--short", "HEAD"), "dirty": dirty}

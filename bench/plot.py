@@ -16,6 +16,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FormatStrFormatter
     except ImportError:
         print("matplotlib not installed: no plot (pip install -e '.[bench]')", flush=True)
         return False
@@ -25,6 +26,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows), squeeze=False)
     for ax, scenario in zip(axes.flat, scenarios, strict=False):
         _panel(ax, scenario)
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     for ax in list(axes.flat)[len(scenarios) :]:
         ax.axis("off")
     fig.suptitle(f"Latency percentiles per system ({result['mode']} run, {result['date']})")

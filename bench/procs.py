@@ -9,11 +9,13 @@ mock upstream and the OTLP receiver share `LOAD_CPU`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from pathlib import Path
 PROXY_CPU = 0
 LOAD_CPU = 1
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PR_SET_PDEATHSIG = 1
 
 
 def can_pin() -> bool:
@@ -99,8 +102,19 @@ def spawn(
         stderr=out,
         env={**os.environ, **(env or {})},
         cwd=cwd,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
     return Child(name, proc, started, log)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the harness dies (Linux), so a killed run
+    leaves no sidecar, mock or proxy behind."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _children(pid: int) -> list[int]:

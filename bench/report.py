@@ -149,7 +149,7 @@ def profile_text(profile: dict[str, Any] | None) -> str:
 
 def section(result: dict[str, Any], targets: list[dict[str, Any]], plot: str | None) -> str:
     """The generated RESULTS.md section for one run."""
-    m, v = result["machine"], result["versions"]
+    m, v, code = result["machine"], result["versions"], result["code"]
     versions = ", ".join(f"{k} {val}" for k, val in v.items())
     if result.get("litellm"):
         versions += (
@@ -163,7 +163,9 @@ def section(result: dict[str, Any], targets: list[dict[str, Any]], plot: str | N
         f"Command: `{result['command']}` ({result['elapsed_s']:.0f} s in all).",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}; "
         f"load average at start {m['load_average_start']}, at end {m.get('load_average_end')}. "
-        f"Versions: {versions}.",
+        f"Versions: {versions}. Code measured: commit {code['commit']}"
+        + (" with uncommitted changes to sidecar/ or sdk/" if code["dirty"] else "")
+        + ".",
         result["setup"],
         f"fsync of a 512-byte append on the journal's disk, measured in this run: "
         f"p50 {result['fsync_ms']['p50']:.3f} ms, p90 {result['fsync_ms']['p90']:.3f} ms.",

@@ -23,7 +23,7 @@ from bench.load import JSON, MODEL, PAYLOAD, UPSTREAM, http_session
 from bench.plan import Variant
 from bench.procs import LOAD_CPU, PROXY_CPU, Child, free_port, spawn, wait_line
 
-START_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 30.0  # a sidecar; LiteLLM gets four times as long
 POLL_S = 0.005
 HIGH_RATE = {"requests_per_s": 1_000_000, "burst": 1_000_000, "mode": "wait"}
 
@@ -163,8 +163,8 @@ async def first_grpc_call(child: Child, address: str) -> float:
                 async with tether.AsyncClient(address, timeout_s=5) as client:
                     await client.model(UPSTREAM, PAYLOAD)
                 return time.perf_counter() - child.started_at
-            except tether.TetherError:
-                pass
+            except tether.SidecarUnavailableError:
+                pass  # not serving yet (DrainingError is one too: it is starting)
         await asyncio.sleep(POLL_S)
     raise RuntimeError(f"{child.name} did not answer within {START_TIMEOUT_S:.0f} s")
 
@@ -173,16 +173,18 @@ async def first_http_call(
     child: Child, session: aiohttp.ClientSession, base_url: str, headers: dict[str, str] | None
 ) -> float:
     """Seconds from spawning `child` to its first answered chat completion over HTTP."""
-    deadline = time.monotonic() + START_TIMEOUT_S * 3
+    deadline = time.monotonic() + START_TIMEOUT_S * 4
     while time.monotonic() < deadline:
         if not child.alive():
             raise RuntimeError(f"{child.name} exited at start:\n{child.tail()}")
         try:
             url = f"{base_url}/chat/completions"
             async with session.post(url, data=PAYLOAD, headers={**JSON, **(headers or {})}) as r:
-                await r.read()
+                body = await r.read()
                 if r.status == 200:
                     return time.perf_counter() - child.started_at
+                if r.status not in (502, 503):  # not "starting": broken
+                    raise RuntimeError(f"{child.name} answered {r.status}: {body[:300]!r}")
         except aiohttp.ClientError:
             pass
         await asyncio.sleep(POLL_S * 4)

@@ -6,9 +6,13 @@
         answer = client.model("llm", {"model": "gpt-4o", "messages": [...]})
         print(answer.json()["choices"][0]["message"]["content"])
 
+Instrument an agent: `tether.instrument()` (OpenTelemetry), `@tether.agent` (a run and an
+`invoke_agent` span), `@tether.tool` (guarded, journaled tool calls).
+
 Errors are subclasses of `TetherError`; see `tether._errors` for the tree.
 """
 
+from tether._agents import agent
 from tether._async_client import AsyncClient, AsyncGuard, AsyncRun, AsyncStream
 from tether._client import Client, Guard, Run, Stream
 from tether._errors import (
@@ -28,6 +32,7 @@ from tether._errors import (
     PayloadTooLargeError,
     PolicyError,
     RateLimitedError,
+    ReplayedToolError,
     SidecarUnavailableError,
     TetherError,
     UnauthenticatedError,
@@ -39,6 +44,7 @@ from tether._errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from tether._instrument import Instrumentation, instrument
 from tether._messages import (
     Checkpoint,
     GuardState,
@@ -50,6 +56,8 @@ from tether._messages import (
     UpstreamStatus,
     Usage,
 )
+from tether._runs import RunContext, current_run, run
+from tether._tools import tool
 
 __all__ = [
     "AsyncClient",
@@ -64,6 +72,7 @@ __all__ = [
     "DrainingError",
     "Guard",
     "GuardState",
+    "Instrumentation",
     "InternalError",
     "InvalidRequestError",
     "JournalEntry",
@@ -77,8 +86,10 @@ __all__ = [
     "PayloadTooLargeError",
     "PolicyError",
     "RateLimitedError",
+    "ReplayedToolError",
     "Result",
     "Run",
+    "RunContext",
     "RunInfo",
     "SidecarUnavailableError",
     "Status",
@@ -95,4 +106,9 @@ __all__ = [
     "UpstreamTimeoutError",
     "UpstreamUnavailableError",
     "Usage",
+    "agent",
+    "current_run",
+    "instrument",
+    "run",
+    "tool",
 ]

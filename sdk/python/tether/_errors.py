@@ -22,7 +22,8 @@ The tree (the mirror of `sidecar/status.py`, matched by the ErrorInfo `reason`):
     │   ├── UpstreamUnavailableError   UNAVAILABLE          UPSTREAM_UNAVAILABLE
     │   ├── UpstreamBadResponseError   UNAVAILABLE          UPSTREAM_BAD_RESPONSE
     │   ├── UpstreamResponseTooLargeError RESOURCE_EXHAUSTED UPSTREAM_TOO_LARGE
-    │   └── UpstreamClientError        by HTTP status       UPSTREAM_CLIENT_ERROR
+    │   ├── UpstreamClientError        by HTTP status       UPSTREAM_CLIENT_ERROR
+    │   └── ReplayedToolError          (SDK only) a `@tool`'s journaled failure, replayed
     ├── JournalError
     │   ├── NonDeterministicReplayError FAILED_PRECONDITION NON_DETERMINISTIC_REPLAY
     │   ├── OutcomeUnknownError        ABORTED              OUTCOME_UNKNOWN
@@ -161,6 +162,16 @@ class UpstreamClientError(UpstreamError):
     @property
     def body(self) -> str:
         return self.metadata.get("upstream_body", "")
+
+
+class ReplayedToolError(UpstreamError):
+    """A `@tether.tool` failed in an earlier execution of this run, and the journal replays
+    that failure instead of running the tool again. `error_type` names the original exception
+    class (e.g. "ValueError"); `metadata["replayed"] == "true"`."""
+
+    @property
+    def error_type(self) -> str:
+        return self.metadata.get("error_type", "")
 
 
 class JournalError(TetherError):
