@@ -1,11 +1,14 @@
-"""The OpenAI-compatible HTTP front (`listen.http`): attach an agent without changing its code.
+"""The HTTP front (`listen.http`): attach an agent without changing its code.
 
-`POST /v1/chat/completions` (JSON, or server-sent events with `"stream": true`),
-`POST /v1/embeddings` and `GET /v1/models`. The request's `model` picks a route (`routes:` in
-the config, else every model upstream under its own name), and the call then runs through
+OpenAI's API: `POST /v1/chat/completions` (JSON, or server-sent events with `"stream": true`),
+`POST /v1/embeddings` and `GET /v1/models`; Anthropic's: `POST /v1/messages`
+(`sidecar.http.anthropic`). The request's `model` picks a route (`routes:` in the config, else
+every model upstream under its own name), and the call then runs through
 `SidecarService.proxy` / `proxy_stream`, exactly as a gRPC `Call` / `StreamCall` does:
-journal, policies, fallbacks and telemetry are the same code. Errors leave in OpenAI's shape
-through the one table in `sidecar.http.errors`; auth and drain refusals live in a middleware.
+journal, policies, fallbacks and telemetry are the same code. Errors leave in the shape of the
+API the caller speaks through the one table in `sidecar.http.errors`; auth and drain refusals
+live in a middleware. The token (`auth.token_env`) is accepted as `Authorization: Bearer` and
+as `x-api-key` (what Anthropic's client sends).
 
 Headers in: `X-Tether-Run-Id`, `Idempotency-Key` (journaled when both are set),
 `traceparent` / `tracestate` (the caller's trace continues). Headers out: `X-Tether-Upstream`,
@@ -18,14 +21,16 @@ import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
 
 import orjson
 from aiohttp import web
 
 from sidecar import errors
 from sidecar.config import split_host_port
-from sidecar.http.errors import UnknownModelError, describe
+from sidecar.http import anthropic
+from sidecar.http.errors import UnknownModelError, describe, describe_anthropic
 from sidecar.pipeline import Plan, StreamInfo
 from sidecar.service import SidecarService
 from tether.v1 import sidecar_pb2 as pb
@@ -37,8 +42,10 @@ SHUTDOWN_TIMEOUT_S = 0.5  # in-flight calls have had their grace before the fron
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(exc: BaseException) -> web.Response:
-    http_status, body, headers = describe(exc)
+def error_response(request: web.Request, exc: BaseException) -> web.Response:
+    """The error in the shape of the API the request speaks."""
+    shape = describe_anthropic if anthropic.speaks_anthropic(request) else describe
+    http_status, body, headers = shape(exc)
     return web.json_response(body, status=http_status, headers=headers, dumps=_dumps)
 
 
@@ -46,12 +53,45 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def _http_error(exc: web.HTTPException) -> web.Response:
-    """aiohttp's own refusals (413, 404, 405) in OpenAI's shape."""
-    codes = {413: "payload_too_large", 404: "not_found", 405: "method_not_allowed"}
-    error = {"message": exc.text or exc.reason, "type": "invalid_request_error", "param": None,
-             "code": codes.get(exc.status, "invalid_request")}  # fmt: skip
-    return web.json_response({"error": error}, status=exc.status, dumps=_dumps)
+class Framing(Protocol):
+    """How an API writes a streamed answer as server-sent events."""
+
+    def event(self, data: bytes) -> bytes:
+        """One chunk of the answer."""
+        ...
+
+    def end(self) -> bytes:
+        """The clean end, written once the call has completed."""
+        ...
+
+    def error(self, exc: BaseException) -> bytes:
+        """The in-band error that ends a stream cut after its first chunk."""
+        ...
+
+
+class OpenAIFraming:
+    """`data: <chunk>`, then `data: [DONE]`; an error is `data: {"error": ...}`."""
+
+    def event(self, data: bytes) -> bytes:
+        return b"data: " + data + b"\n\n"
+
+    def end(self) -> bytes:
+        return b"data: [DONE]\n\n"
+
+    def error(self, exc: BaseException) -> bytes:
+        return b"data: " + orjson.dumps(describe(exc)[1]) + b"\n\n"
+
+
+OPENAI_SSE: Final = OpenAIFraming()
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A request ready for the service: its JSON body, the call, and its model's plan."""
+
+    body: dict[str, Any]
+    call: pb.CallRequest
+    plan: Plan
 
 
 def _flag(value: bool) -> str:
@@ -66,7 +106,7 @@ class HttpFront:
         self.service = service
         # model name -> its plan: the upstream, its fallbacks, its context fallback
         self.plans = service.pipeline.model_plans(service.config)
-        self._expected = f"Bearer {token}".encode() if token else None
+        self._tokens = (f"Bearer {token}".encode(), token.encode()) if token else None
         self._runner: web.AppRunner | None = None
         self.app = web.Application(
             client_max_size=service.config.limits.max_payload_bytes, middlewares=[self._guard]
@@ -74,6 +114,7 @@ class HttpFront:
         self.app.router.add_post("/v1/chat/completions", self.chat)
         self.app.router.add_post("/v1/embeddings", self.embeddings)
         self.app.router.add_get("/v1/models", self.models)
+        anthropic.add_routes(self)
 
     @property
     def url(self) -> str:
@@ -99,39 +140,53 @@ class HttpFront:
         try:
             self._admit(request)
             return await handler(request)
-        except web.HTTPException as exc:
-            return _http_error(exc)
         except Exception as exc:
             if isinstance(exc, errors.SidecarError):
                 log.info("http call failed: %s: %s", type(exc).__name__, exc.message)
-            else:
+            elif not isinstance(exc, web.HTTPException):
                 log.exception("internal error while serving an http call")
-            return error_response(exc)
+            return error_response(request, exc)
 
     def _admit(self, request: web.Request) -> None:
-        if self._expected is not None:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, self._expected):
-                raise errors.UnauthenticatedError("missing or wrong bearer token")
+        if self._tokens is not None:
+            bearer, key = self._tokens
+            given_bearer = request.headers.get("Authorization", "").encode()
+            given_key = request.headers.get("x-api-key", "").encode()
+            # both compared, always: the time taken says nothing about either
+            if not hmac.compare_digest(given_bearer, bearer) | hmac.compare_digest(given_key, key):
+                raise errors.UnauthenticatedError(
+                    "missing or wrong token (Authorization: Bearer, or x-api-key)"
+                )
         if not self.service.serving:
             raise errors.DrainingError("the sidecar is shutting down")
 
     # -- handlers --------------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
+        if anthropic.speaks_anthropic(request):
+            return web.json_response(anthropic.model_list(self), dumps=_dumps)
         data = [{"id": model, "object": "model", "created": 0, "owned_by": "tether"}
                 for model in self.plans]  # fmt: skip
         return web.json_response({"object": "list", "data": data}, dumps=_dumps)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._proxy(request, "chat")
+        prepared = await self.prepare(request, "chat")
+        return await self.forward(request, prepared, stream=prepared.body.get("stream") is True)
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
-        return await self._proxy(request, "embeddings")
+        return await self.forward(request, await self.prepare(request, "embeddings"), stream=False)
 
-    def _call(
-        self, payload: bytes, body: Any, operation: str, request: web.Request
-    ) -> tuple[pb.CallRequest, Plan]:
+    # -- what every API's handlers share ----------------------------------------------------
+
+    async def prepare(self, request: web.Request, operation: str) -> Prepared:
+        """The JSON body, and the call of its `model`'s plan."""
+        payload = await request.read()  # over client_max_size: 413
+        try:
+            body = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise errors.InvalidRequestError(f"body is not JSON: {exc}", field="body") from None
+        if not isinstance(body, dict):
+            raise errors.InvalidRequestError("body must be a JSON object", field="body")
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise errors.InvalidRequestError("model is required", field="model")
@@ -143,21 +198,22 @@ class HttpFront:
             payload=payload, run_id=request.headers.get("X-Tether-Run-Id", ""),
             idempotency_key=request.headers.get("Idempotency-Key", ""),
         )  # fmt: skip
-        return call, plan
+        return Prepared(body, call, plan)
 
-    async def _proxy(self, request: web.Request, operation: str) -> web.StreamResponse:
-        payload = await request.read()  # over client_max_size: 413
-        try:
-            body = orjson.loads(payload)
-        except orjson.JSONDecodeError as exc:
-            raise errors.InvalidRequestError(f"body is not JSON: {exc}", field="body") from None
-        if not isinstance(body, dict):
-            raise errors.InvalidRequestError("body must be a JSON object", field="body")
-        call, plan = self._call(payload, body, operation, request)
-        rpc = f"http.{operation}"
+    async def forward(
+        self,
+        request: web.Request,
+        prepared: Prepared,
+        *,
+        stream: bool,
+        framing: Framing = OPENAI_SSE,
+    ) -> web.StreamResponse:
+        """Run the call through the service: the answer as it came, or its stream of events."""
+        call, plan = prepared.call, prepared.plan
+        rpc = f"http.{call.operation}"
         trace = {name: request.headers[name] for name in TRACE_HEADERS if name in request.headers}
-        if operation == "chat" and body.get("stream") is True:
-            return await self._stream(request, call, plan, rpc, trace)
+        if stream:
+            return await self._stream(request, call, plan, rpc, trace, framing)
         proxied = await self.service.proxy(call, rpc, trace, None, plan)
         answer = proxied.response
         headers = {
@@ -175,9 +231,10 @@ class HttpFront:
         plan: Plan,
         rpc: str,
         trace: dict[str, str],
+        framing: Framing,
     ) -> web.StreamResponse:
         """Server-sent events; an error before the first chunk is a plain HTTP error, after
-        it an in-band `data: {"error": ...}` event, and the stream ends without `[DONE]`."""
+        it an in-band error event, and the stream ends without its clean end."""
         info = StreamInfo()
         chunks = self.service.proxy_stream(call, rpc, trace, None, info, plan)
         async with aclosing(chunks):
@@ -189,7 +246,7 @@ class HttpFront:
                 headers["X-Tether-Upstream"] = info.upstream or first.upstream
             response = web.StreamResponse(headers=headers)
             await response.prepare(request)
-            await self._write_events(response, first, chunks)
+            await self._write_events(response, first, chunks, framing)
         await response.write_eof()
         return response
 
@@ -198,15 +255,15 @@ class HttpFront:
         response: web.StreamResponse,
         first: pb.StreamChunk,
         rest: AsyncIterator[pb.StreamChunk],
+        framing: Framing,
     ) -> None:
         chunk = first
         while not chunk.final:
-            await response.write(b"data: " + chunk.data + b"\n\n")
+            await response.write(framing.event(chunk.data))
             try:
                 chunk = await anext(rest)
             except Exception as exc:
                 log.info("http stream failed after its first chunk: %s", exc)
-                _, body, _ = describe(exc)
-                await response.write(b"data: " + orjson.dumps(body) + b"\n\n")
+                await response.write(framing.error(exc))
                 return
-        await response.write(b"data: [DONE]\n\n")
+        await response.write(framing.end())

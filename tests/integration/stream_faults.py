@@ -84,19 +84,28 @@ class StreamFaultServer:
         self.endpoint(name)
         return f"http://127.0.0.1:{self.port}/s/{name}"
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        ep = self.endpoint(request.match_info["name"])
-        await request.read()
+    async def arrived(
+        self, request: web.Request, ep: StreamEndpoint
+    ) -> tuple[str, web.StreamResponse | None]:
+        """Count a request and take its mode; the answer already, for `status` and `reset`."""
         ep.hits += 1
         ep.hit_times.append(time.monotonic())
         mode = ep._take_mode()
         if mode == "status":
-            return self._status(ep)
+            return mode, self._status(ep)
         if mode == "reset":
             assert request.transport is not None
             request.transport.abort()
             await asyncio.sleep(1)
-            return web.Response()  # pragma: no cover
+            return mode, web.Response()  # pragma: no cover
+        return mode, None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        ep = self.endpoint(request.match_info["name"])
+        await request.read()
+        mode, answer = await self.arrived(request, ep)
+        if answer is not None:
+            return answer
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         if mode == "silent":
