@@ -1,4 +1,5 @@
-"""The SDK's instrumentation against a real sidecar: decorators, replay, admission, spans."""
+"""The SDK's instrumentation against a real sidecar: decorators, replay, admission, spans,
+and the official openai and anthropic clients, wrapped, through the real HTTP front."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import anthropic
+import openai
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import tether
+from sidecar.server import SidecarServer
 from tests.integration.conftest import SidecarFactory
 from tests.integration.otlp import OtlpReceiver, ReceivedSpan
+from tests.integration.support import UpstreamApp
 from tether import _instrument
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -446,3 +451,108 @@ def test_instrument_exports_over_otlp_from_the_environment(
     call = next(s for s in spans if s.name == "tether.Call")
     assert (agent.service, call.service) == ("otlp-agent", "sidecar-under-test")
     assert call.trace_id == agent.trace_id and call.parent_id == agent.span_id
+
+
+# -- wrapped clients through the HTTP front ----------------------------------------------------
+
+
+@pytest.fixture
+def front(
+    receiver: OtlpReceiver,
+    make_sidecar: SidecarFactory,
+    upstream: UpstreamApp,
+    monkeypatch: pytest.MonkeyPatch,
+) -> SidecarServer:
+    """A sidecar whose HTTP front wants a bearer token, over a real OpenAI-shaped upstream;
+    its spans go to `receiver`."""
+    monkeypatch.setenv("TT_FRONT_TOKEN", "s3cret")
+    monkeypatch.setenv("TETHER_TOKEN", "s3cret")
+    llm = {"kind": "model", "type": "openai", "base_url": f"{upstream.url}/v1",
+           "policies": {"retry": None}}  # fmt: skip
+    auth = {"token_env": "TT_FRONT_TOKEN"}
+    claude = {"kind": "model", "type": "mock", "policies": {"retry": None}}
+    return make_sidecar({"llm": llm, "claude": claude}, listen={"http": "127.0.0.1:0"}, auth=auth,
+                        telemetry={"traces": "on"})  # fmt: skip
+
+
+def test_wrap_openai_replays_through_the_front(
+    receiver: OtlpReceiver, front: SidecarServer, upstream: UpstreamApp, agent_spans: AgentSpans
+) -> None:
+    """The official openai client, wrapped, carries the run, step keys, trace and token: run
+    twice with one run id, the upstream sees each request once and the second run's answers
+    come from the journal."""
+    assert front.http_url is not None
+    plain = openai.OpenAI(base_url=f"{front.http_url}/v1", api_key="sk-provider", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        plain.models.list()
+    wrapped = tether.wrap_openai(plain, url=f"{front.http_url}/v1")
+    assert wrapped is plain and plain.max_retries == 0
+
+    def agent_run() -> list[tuple[str, str | None]]:
+        with (
+            tether.Client(front.addresses[0]) as client,
+            tether.agent("chatter", run_id="http-1", client=client),
+        ):
+            assert [m.id for m in wrapped.models.list()] == ["llm", "claude"]
+            answers = []
+            for text in ("one", "two"):
+                raw = wrapped.chat.completions.with_raw_response.create(
+                    model="llm", messages=[{"role": "user", "content": text}]
+                )
+                answers.append((raw.parse().choices[0].message.content or "",
+                                raw.headers.get("x-tether-replayed")))  # fmt: skip
+            return answers
+
+    first, second = agent_run(), agent_run()
+    assert first == [("echo: one", "false"), ("echo: two", "false")]
+    assert second == [("echo: one", "true"), ("echo: two", "true")]
+    assert len(upstream.seen) == 2
+    assert all("sk-provider" not in str(seen.headers) for seen in upstream.seen)
+    with tether.Client(front.addresses[0]) as client:
+        keys = [e.key for e in client.journal("http-1")]
+    assert keys == ["http-1:1", "http-1:2"]  # GET /v1/models takes no step
+    agent = agent_spans.named("invoke_agent chatter")[0]
+    spans = receiver.wait_for(lambda s: any(x.trace_id == _trace_id(agent) for x in s))
+    joined = [s for s in spans if s.trace_id == _trace_id(agent) and s.parent_id == _span_id(agent)]
+    assert joined and {s.attributes.get("gen_ai.conversation.id") for s in joined} == {"http-1"}
+
+
+async def test_wrap_async_openai(front: SidecarServer, upstream: UpstreamApp) -> None:
+    """An AsyncOpenAI client is wrapped with an async hook and replays the same way."""
+    assert front.http_url is not None
+    wrapped = tether.wrap_openai(openai.AsyncOpenAI(api_key="unused"), url=front.http_url)
+    async with tether.AsyncClient(front.addresses[0]) as client:
+        for _ in range(2):
+            async with tether.run(client, "http-async"):
+                answer = await wrapped.chat.completions.create(model="llm", messages=HELLO)
+                assert answer.choices[0].message.content == "echo: hi"
+    assert len(upstream.seen) == 1
+
+
+def test_wrap_anthropic_replays_through_the_front(
+    front: SidecarServer, agent_spans: AgentSpans
+) -> None:
+    """The official anthropic client, wrapped, goes to the front's /v1/messages with the run,
+    step keys and token: a repeated run is answered from the journal (the upstream is hit
+    once per call), streams included."""
+    assert front.http_url is not None
+    wrapped = tether.wrap_anthropic(anthropic.Anthropic(api_key="sk-ant-provider"),
+                                    url=f"{front.http_url}/v1")  # fmt: skip
+    assert str(wrapped.base_url).rstrip("/") == front.http_url
+
+    def agent_run() -> tuple[str, str]:
+        with (
+            tether.Client(front.addresses[0]) as client,
+            tether.agent("claude-agent", run_id="msg-1", client=client),
+        ):
+            answer = wrapped.messages.create(model="claude", max_tokens=32, messages=HELLO)
+            with wrapped.messages.stream(model="claude", max_tokens=32, messages=HELLO) as stream:
+                streamed = "".join(stream.text_stream)
+            return answer.content[0].text, streamed
+
+    first, second = agent_run(), agent_run()
+    assert first == second and all(first)
+    with tether.Client(front.addresses[0]) as client:
+        hits = client.status().upstreams["claude"].hits
+        entries = [(e.key, e.replays) for e in client.journal("msg-1")]
+    assert hits == 2 and entries == [("msg-1:1", 1), ("msg-1:2", 1)]

@@ -7,7 +7,8 @@
         print(answer.json()["choices"][0]["message"]["content"])
 
 Instrument an agent: `tether.instrument()` (OpenTelemetry), `@tether.agent` (a run and an
-`invoke_agent` span), `@tether.tool` (guarded, journaled tool calls).
+`invoke_agent` span), `@tether.tool` (guarded, journaled tool calls), `tether.wrap_openai` /
+`tether.wrap_anthropic` (an existing client through the sidecar's HTTP front).
 
 Errors are subclasses of `TetherError`; see `tether._errors` for the tree.
 """
@@ -58,6 +59,7 @@ from tether._messages import (
 )
 from tether._runs import RunContext, current_run, run
 from tether._tools import tool
+from tether._wrap import wrap_anthropic, wrap_openai
 
 __all__ = [
     "AsyncClient",
@@ -111,4 +113,6 @@ __all__ = [
     "instrument",
     "run",
     "tool",
+    "wrap_anthropic",
+    "wrap_openai",
 ]
