@@ -26,7 +26,7 @@ import pybreaker
 
 from sidecar.config import BreakerPolicy
 from sidecar.errors import CircuitOpenError
-from sidecar.policies.base import Outcome, Verdict
+from sidecar.policies.base import Outcome, Permit, Verdict
 from sidecar.policies.clock import Clock
 
 log = logging.getLogger("tether.sidecar.breaker")
@@ -119,18 +119,23 @@ class Breaker:
         self.on_transition: Callable[[str, str, str], None] | None = None
         self.rejected = 0
         self._clock = clock
-        self._storage = ClockStorage(clock)
+        self._storage, self._cb = self._machine()
         self._probes = 0
-        self._cb = pybreaker.CircuitBreaker(
-            fail_max=policy.fail_max,
-            reset_timeout=policy.reset_timeout_s,
-            success_threshold=policy.success_threshold,
+
+    def _machine(self) -> tuple[ClockStorage, pybreaker.CircuitBreaker]:
+        """A new, closed pybreaker state machine on the policies' clock."""
+        storage = ClockStorage(self._clock)
+        cb = pybreaker.CircuitBreaker(
+            fail_max=self.policy.fail_max,
+            reset_timeout=self.policy.reset_timeout_s,
+            success_threshold=self.policy.success_threshold,
             exclude=[_Neutral],
             listeners=[_Listener(self)],
-            state_storage=self._storage,
-            name=upstream,
+            state_storage=storage,
+            name=self.upstream,
             throw_new_error_on_trip=False,
         )
+        return storage, cb
 
     @property
     def state(self) -> str:
@@ -163,7 +168,7 @@ class Breaker:
             return self._open_for() > within_s
         return state == HALF_OPEN and self._probes >= self.policy.half_open_probes
 
-    def admit(self) -> BreakerPermit:
+    def admit(self) -> Permit:
         """Admit one attempt, or raise CircuitOpenError at once."""
         state = self._cb.current_state
         if state == OPEN and (wait := self._open_for()) > 0:

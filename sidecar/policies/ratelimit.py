@@ -21,7 +21,7 @@ from typing import Any
 
 from sidecar.config import RateLimitPolicy
 from sidecar.errors import RateLimitedError
-from sidecar.policies.base import Outcome
+from sidecar.policies.base import Outcome, Permit
 from sidecar.policies.clock import Clock
 from sidecar.policies.deadline import Deadline
 
@@ -115,18 +115,25 @@ class TokenPermit:
 
 
 class RateLimiter:
-    """The request and token limits of one upstream."""
+    """The request and token limits of one upstream; with `share` N, 1/N of each (the part
+    of one of N sidecars whose shared limit is unavailable)."""
 
-    def __init__(self, upstream: str, policy: RateLimitPolicy, clock: Clock) -> None:
+    def __init__(
+        self, upstream: str, policy: RateLimitPolicy, clock: Clock, *, share: int = 1
+    ) -> None:
         self.upstream = upstream
         self.policy = policy
         self.rejected = 0
         self.waited_s = 0.0
         self._clock = clock
         rps = policy.requests_per_s
-        self.requests = Bucket(rps, policy.burst or max(1.0, rps), clock) if rps else None
+        if rps:
+            burst = policy.burst or max(1.0, rps)
+            self.requests: Bucket | None = Bucket(rps / share, max(1.0, burst / share), clock)
+        else:
+            self.requests = None
         tpm = policy.tokens_per_min
-        self.tokens = Bucket(tpm / 60.0, tpm, clock) if tpm else None
+        self.tokens = Bucket(tpm / 60.0 / share, tpm / share, clock) if tpm else None
 
     def _max_wait(self, deadline: Deadline) -> float:
         if self.policy.mode == "reject":
@@ -152,24 +159,33 @@ class RateLimiter:
         if self.tokens is not None and estimate:
             self.tokens.adjust(-estimate)
 
-    async def admit(self, estimate: int, deadline: Deadline) -> TokenPermit:
+    def _too_large(self, estimate: int, limit: float) -> RateLimitedError:
+        """The refusal of a call whose estimate alone exceeds the bucket: no wait would ever
+        admit it, so it gets no retry delay."""
+        self.rejected += 1
+        return RateLimitedError(
+            f"the request's estimated {estimate} tokens exceed tokens_per_min "
+            f"({limit:.0f}) of upstream {self.upstream!r}",
+            upstream=self.upstream,
+        )
+
+    def _limited(self, wait_s: float) -> RateLimitedError:
+        """The refusal of a call that would have to wait `wait_s`, longer than allowed."""
+        self.rejected += 1
+        return RateLimitedError(
+            f"rate limit of upstream {self.upstream!r} reached",
+            upstream=self.upstream,
+            retry_after_s=wait_s,
+        )
+
+    async def admit(self, estimate: int, deadline: Deadline) -> Permit:
         """Take one request and `estimate` tokens, waiting in mode `wait`; else refuse."""
         if self.tokens is not None and estimate > self.tokens.burst:
-            self.rejected += 1  # no wait would ever admit it: refuse now, with no retry delay
-            raise RateLimitedError(
-                f"the request's estimated {estimate} tokens exceed tokens_per_min "
-                f"({self.policy.tokens_per_min}) of upstream {self.upstream!r}",
-                upstream=self.upstream,
-            )
+            raise self._too_large(estimate, self.tokens.burst)
         try:
             wait = self._reserve(estimate, self._max_wait(deadline))
         except _Denied as denied:
-            self.rejected += 1
-            raise RateLimitedError(
-                f"rate limit of upstream {self.upstream!r} reached",
-                upstream=self.upstream,
-                retry_after_s=denied.wait_s,
-            ) from None
+            raise self._limited(denied.wait_s) from None
         if wait > 0:
             self.waited_s += wait
             try:
