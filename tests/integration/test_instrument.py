@@ -12,6 +12,8 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -19,7 +21,7 @@ import tether
 from sidecar.server import SidecarServer
 from tests.integration.conftest import SidecarFactory
 from tests.integration.otlp import OtlpReceiver, ReceivedSpan
-from tests.integration.support import UpstreamApp
+from tests.integration.support import LoopThread, UpstreamApp, serve_app
 from tether import _instrument
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -451,6 +453,37 @@ def test_instrument_exports_over_otlp_from_the_environment(
     call = next(s for s in spans if s.name == "tether.Call")
     assert (agent.service, call.service) == ("otlp-agent", "sidecar-under-test")
     assert call.trace_id == agent.trace_id and call.parent_id == agent.span_id
+
+
+def test_instrument_exports_over_otlp_http(
+    loop_thread: LoopThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf: spans are POSTed as protobuf to the
+    endpoint's /v1/traces (added to an endpoint without a path)."""
+    received: list[tuple[str, str, list[str]]] = []
+
+    async def traces(request: web.Request) -> web.Response:
+        export = trace_service_pb2.ExportTraceServiceRequest.FromString(await request.read())
+        for resource in export.resource_spans:
+            service = next(a.value.string_value for a in resource.resource.attributes
+                           if a.key == "service.name")  # fmt: skip
+            names = [s.name for scope in resource.scope_spans for s in scope.spans]
+            received.append((request.path, service, names))
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", traces)
+    runner, port = loop_thread.run(serve_app(app))
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    try:
+        handle = tether.instrument("http-agent", endpoint=f"http://127.0.0.1:{port}")
+        with tether.agent("over-http"):
+            pass
+        assert handle.force_flush(5)
+    finally:
+        _instrument._reset_for_tests()
+        loop_thread.run(runner.cleanup())
+    assert received == [("/v1/traces", "http-agent", ["invoke_agent over-http"])]
 
 
 # -- wrapped clients through the HTTP front ----------------------------------------------------

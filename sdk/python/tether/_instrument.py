@@ -19,7 +19,7 @@ or by `opentelemetry-instrument`) keeps it: `instrument()` adds no exporter then
 
 from __future__ import annotations
 
-import logging
+import atexit
 import os
 import threading
 from typing import Final
@@ -30,14 +30,22 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
-log = logging.getLogger("tether")
-
 TRACER_NAME: Final = "tether"
 DEFAULT_SERVICE_NAME: Final = "tether-agent"
 ENDPOINT_VARS: Final = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 PROTOCOL_VARS: Final = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
 PROTOCOLS: Final = ("grpc", "http/protobuf")
 HTTP_TRACES_PATH: Final = "/v1/traces"
+SHUTDOWN_TIMEOUT_S: Final = 3.0
+
+
+def _stop(processor: BatchSpanProcessor, timeout_s: float) -> None:
+    """`processor.shutdown()`, bounded: the SDK's own waits up to 30 s for a stuck export."""
+    worker = getattr(processor, "_batch_processor", None)
+    try:
+        worker.shutdown(timeout_millis=max(0.0, timeout_s) * 1000)  # type: ignore[union-attr]
+    except (AttributeError, TypeError):  # another SDK version: its own shutdown
+        processor.shutdown()  # type: ignore[no-untyped-call]
 
 
 class Instrumentation:
@@ -68,8 +76,10 @@ class Instrumentation:
             return self.provider.force_flush(timeout_ms)
         return True
 
-    def shutdown(self) -> None:
-        """Flush and stop this set-up's exporter; a later `instrument()` starts a new one."""
+    def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Flush and stop this set-up's exporter, waiting at most about `timeout_s` for an
+        export in progress (a collector that does not answer cannot hold up the exit); a
+        later `instrument()` starts anew. Runs at interpreter exit too."""
         global _installed
         with _lock:
             if self.closed:
@@ -78,7 +88,7 @@ class Instrumentation:
             if _installed is self:
                 _installed = None
         if self.processor is not None:
-            self.processor.shutdown()  # type: ignore[no-untyped-call]
+            _stop(self.processor, timeout_s)
 
     def __enter__(self) -> Instrumentation:
         return self
@@ -124,6 +134,8 @@ def instrument(
             provider.add_span_processor(processor)
         tracer = provider.get_tracer(TRACER_NAME)
         _installed = Instrumentation(provider, processor, foreign=not ours)
+        if processor is not None:
+            atexit.register(_installed.shutdown)  # before the provider's own, unbounded one
         return _installed
 
 

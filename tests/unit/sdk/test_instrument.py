@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -13,7 +15,7 @@ from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import tether
@@ -84,6 +86,33 @@ def test_instrument_again_after_shutdown() -> None:
         pass
     assert again.force_flush(5)
     assert old.get_finished_spans() == () and len(new.get_finished_spans()) == 1
+
+
+class StuckExporter(SpanExporter):
+    """An exporter whose export hangs (a collector that never answers) until shut down."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.released = threading.Event()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.started.set()
+        self.released.wait(30)
+        return SpanExportResult.FAILURE
+
+    def shutdown(self) -> None:
+        self.released.set()
+
+
+def test_shutdown_is_bounded_with_a_stuck_collector() -> None:
+    """`shutdown` waits about its timeout for an export in progress, not the SDK's 30 s."""
+    stuck = StuckExporter()
+    handle = tether.instrument("svc", exporter=stuck)
+    with tether.agent("slow"):
+        pass
+    started = time.monotonic()
+    handle.shutdown(timeout_s=0.3)
+    assert stuck.started.is_set() and time.monotonic() - started < 2
 
 
 def test_service_name_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
