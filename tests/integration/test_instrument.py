@@ -1,12 +1,17 @@
 """The SDK's instrumentation against a real sidecar: decorators, replay, admission, spans,
-and the official openai and anthropic clients, wrapped, through the real HTTP front."""
+wrapped openai clients through the real HTTP front, and the instrumented example."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -19,6 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import tether
 from sidecar.server import SidecarServer
+from tests.conftest import ROOT
 from tests.integration.conftest import SidecarFactory
 from tests.integration.otlp import OtlpReceiver, ReceivedSpan
 from tests.integration.support import LoopThread, UpstreamApp, serve_app
@@ -589,3 +595,30 @@ def test_wrap_anthropic_replays_through_the_front(
         hits = client.status().upstreams["claude"].hits
         entries = [(e.key, e.replays) for e in client.journal("msg-1")]
     assert hits == 2 and entries == [("msg-1:1", 1), ("msg-1:2", 1)]
+
+
+# -- the example -------------------------------------------------------------------------------
+
+
+def test_instrumented_example_resumes_after_a_crash(
+    make_sidecar: SidecarFactory, tmp_path: Path
+) -> None:
+    """examples/instrumented_agent.py, killed at step 4 and run again, replays steps 1-3
+    (no tool body runs twice, the ledger has one line per step) and completes."""
+    mock_tool = {"kind": "tool", "type": "mock"}
+    server = make_sidecar({"search": mock_tool, "ledger": mock_tool,
+                           "llm-backup": {"kind": "model", "type": "mock"}})  # fmt: skip
+    ledger = tmp_path / "ledger.jsonl"
+    agent = [sys.executable, str(ROOT / "examples/instrumented_agent.py"), "--run-id", "ex-1",
+             "--steps", "5", "--ledger", str(ledger)]  # fmt: skip
+    env = {**os.environ, "TETHER_ADDRESS": server.addresses[0]}
+    crashed = subprocess.run([*agent, "--crash-at", "4"], env=env, capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert "step 3: executed" in crashed.stdout and "step 4: crashing" in crashed.stdout
+    resumed = subprocess.run(agent, env=env, capture_output=True, text=True, timeout=60)
+    assert resumed.returncode == 0, resumed.stderr
+    assert all(f"step {n}: replayed" in resumed.stdout for n in (1, 2, 3))
+    assert all(f"step {n}: executed" in resumed.stdout for n in (4, 5))
+    assert "3 steps replayed, 2 executed; tool functions ran 4 times" in resumed.stdout
+    assert [line.count('"step"') for line in ledger.read_text().splitlines()] == [1] * 5
