@@ -53,6 +53,7 @@ async def stores(redis_url: str, key_prefix: str) -> AsyncIterator[Stores]:
     made: list[StateStore] = []
 
     async def make(**settings: Any) -> StateStore:
+        settings.setdefault("timeout_s", 2.0)  # a loaded test machine is no store incident
         config = StateConfig(backend="redis", url=redis_url, key_prefix=key_prefix, **settings)
         store = StateStore(config, redis_url)
         made.append(store)
@@ -92,15 +93,15 @@ async def eventually(check: Callable[[], bool], timeout_s: float = 2.0) -> None:
 
 
 async def test_replicas_share_one_request_bucket(stores: Stores) -> None:
-    """Two replicas of a 10/s limit with burst 6 admit 6 between them, then refuse with the
-    delay until the next slot (a tenth of a second at most)."""
-    a = limiter(await stores(), requests_per_s=10, burst=6)
-    b = limiter(await stores(), requests_per_s=10, burst=6)
+    """Two replicas of a 1/s limit with burst 6 admit 6 between them, then refuse with the
+    delay until the next slot (a second at most)."""
+    a = limiter(await stores(), requests_per_s=1, burst=6)
+    b = limiter(await stores(), requests_per_s=1, burst=6)
     results = [await admitted(rl) for rl in (a, b) * 4]
     assert results == [True] * 6 + [False] * 2
     with pytest.raises(errors.RateLimitedError) as info:
         await b.admit(0, forever())
-    assert info.value.retry_after_s is not None and 0 < info.value.retry_after_s <= 0.1
+    assert info.value.retry_after_s is not None and 0 < info.value.retry_after_s <= 1
     assert a.status()["rate_limit.requests_available"] == pytest.approx(0, abs=0.5)
 
 
@@ -233,13 +234,13 @@ async def test_clock_skew_of_a_replica_changes_nothing(stores: Stores) -> None:
     time: same admissions, same retry delays, same open period (time is Redis's)."""
     ahead, on_time = OffsetClock(30.0), SYSTEM_CLOCK
     skewed_store, true_store = await stores(), await stores()
-    skewed = limiter(skewed_store, ahead, requests_per_s=20, burst=4)
-    true = limiter(true_store, on_time, requests_per_s=20, burst=4)
+    skewed = limiter(skewed_store, ahead, requests_per_s=2, burst=4)
+    true = limiter(true_store, on_time, requests_per_s=2, burst=4)
     assert [await admitted(skewed) for _ in range(4)] == [True] * 4
     with pytest.raises(errors.RateLimitedError) as info:
         await true.admit(0, forever())
-    assert info.value.retry_after_s is not None and 0 < info.value.retry_after_s <= 0.05
-    await asyncio.sleep(0.1)  # two slots free, whoever takes them
+    assert info.value.retry_after_s is not None and 0 < info.value.retry_after_s <= 0.5
+    await asyncio.sleep(1.0)  # two slots free, whoever takes them
     assert [await admitted(true), await admitted(skewed), await admitted(true)] == [
         True, True, False]  # fmt: skip
     late, early = (breaker(s, clock, fail_max=1, reset_timeout_s=0.3)
