@@ -37,13 +37,14 @@ from typing import Any, TypeVar
 from sidecar import errors
 from sidecar.config import Config
 from sidecar.policies.base import NEUTRAL, Outcome, Permit, outcome_of, succeeded
-from sidecar.policies.breaker import Breaker
 from sidecar.policies.bulkhead import Bulkhead
 from sidecar.policies.clock import SYSTEM_CLOCK, Clock
 from sidecar.policies.deadline import Deadline
 from sidecar.policies.fallback import falls_back
-from sidecar.policies.ratelimit import RateLimiter, estimate_tokens
+from sidecar.policies.gates import make_breaker, make_limiter
+from sidecar.policies.ratelimit import estimate_tokens
 from sidecar.policies.retry import Retrier
+from sidecar.state.store import StateStore, build_state
 from sidecar.telemetry.calls import NULL_OBSERVER, CallObserver
 from sidecar.upstreams.base import Chunk, Upstream, UpstreamRequest, UpstreamResponse, Usage
 
@@ -54,7 +55,14 @@ T = TypeVar("T")
 class Route:
     """One upstream with its gates, retrier, fallbacks and counters."""
 
-    def __init__(self, name: str, upstream: Upstream, config: Config, clock: Clock) -> None:
+    def __init__(
+        self,
+        name: str,
+        upstream: Upstream,
+        config: Config,
+        clock: Clock,
+        state: StateStore | None = None,
+    ) -> None:
         spec = config.upstreams[name]
         policies = spec.policies
         self.name = name
@@ -67,10 +75,15 @@ class Route:
         self.fallback_names = list(policies.fallback)
         self.plan = Plan((self,))  # itself, then its fallbacks in order (set by `Pipeline`)
         self.limiter = (
-            RateLimiter(name, policies.rate_limit, clock) if policies.rate_limit else None
+            make_limiter(name, policies.rate_limit, clock, state) if policies.rate_limit else None
         )
         self.bulkhead = Bulkhead(name, policies.bulkhead, clock) if policies.bulkhead else None
-        self.breaker = Breaker(name, policies.breaker, clock) if policies.breaker else None
+        timeout_s = spec.attempt_timeout_s  # a probe slot's lease, in a shared breaker
+        self.breaker = (
+            make_breaker(name, policies.breaker, clock, state, attempt_timeout_s=timeout_s)
+            if policies.breaker
+            else None
+        )
         self.retrier = (
             Retrier(name, policies.retry, clock, idempotent=spec.is_idempotent)
             if policies.retry
@@ -155,9 +168,20 @@ class StreamInfo(CallTrace):
 class Pipeline:
     """Runs calls through the policies of their upstream and its fallbacks."""
 
-    def __init__(self, config: Config, upstreams: dict[str, Upstream], clock: Clock = SYSTEM_CLOCK):
+    def __init__(
+        self,
+        config: Config,
+        upstreams: dict[str, Upstream],
+        clock: Clock = SYSTEM_CLOCK,
+        state: StateStore | None = None,
+    ):
         self.clock = clock
-        self.routes = {name: Route(name, up, config, clock) for name, up in upstreams.items()}
+        # Shared limits and breakers (state.backend: redis): the store given, else one built
+        # from the config (started and closed by the server); None: all in this process.
+        self.state = state if state is not None else build_state(config)
+        self.routes = {
+            name: Route(name, up, config, clock, self.state) for name, up in upstreams.items()
+        }
         for route in self.routes.values():
             route.plan = self.plan(route.name, route.fallback_names)
 
