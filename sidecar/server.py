@@ -32,6 +32,7 @@ from sidecar.interceptors import GuardInterceptor
 from sidecar.journal.recorder import Recorder
 from sidecar.journal.sqlite import SQLiteJournal
 from sidecar.service import SidecarService
+from sidecar.state.health import StoreMetrics
 from sidecar.telemetry.endpoint import MetricsEndpoint
 from sidecar.telemetry.hub import Telemetry
 from sidecar.upstreams.base import Upstream
@@ -101,6 +102,8 @@ class SidecarServer:
             self._retention = asyncio.create_task(self._retain(recorder))
         for upstream in self.upstreams.values():
             await upstream.start()
+        if self.service.pipeline.state is not None:
+            await self.service.pipeline.state.start()  # a store that is down: an incident
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.start()
             log.info("metrics on %s/metrics", self.metrics_endpoint.url)
@@ -162,6 +165,7 @@ class SidecarServer:
             await self.http_front.stop()
         await self.server.stop(max(remaining, 0.1))
         await self.close_upstreams()
+        await self.close_state()
         await self.close_journal()
         await self.close_telemetry()
         self.remove_socket_files()
@@ -203,6 +207,11 @@ class SidecarServer:
         if not done:
             log.warning("telemetry: spans not flushed within %.0f s; exiting anyway",
                         TELEMETRY_FLUSH_S)  # fmt: skip
+
+    async def close_state(self) -> None:
+        """Close the shared state store's connections (state.backend: redis)."""
+        if self.service.pipeline.state is not None:
+            await self.service.pipeline.state.close()
 
     async def close_journal(self) -> None:
         if self._retention is not None:
@@ -328,6 +337,8 @@ async def create_server(config: Config) -> tuple[SidecarServer, int]:
     if recorder is not None:
         recorder.store.observe_commit = telemetry.journal_commit
     service = SidecarService(config, upstreams, recorder=recorder, telemetry=telemetry)
+    if service.pipeline.state is not None:
+        service.pipeline.state.health.observe(StoreMetrics(telemetry.metrics))
     sidecar_pb2_grpc.add_SidecarServicer_to_server(service, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
