@@ -131,7 +131,9 @@ class AuthConfig(_Model):
 RetryCondition = (
     Literal["unavailable", "deadline", "bad_response"] | Annotated[int, Field(ge=400, le=599)]
 )
-DEFAULT_RETRY_ON: tuple[RetryCondition, ...] = ("unavailable", "deadline", 429, 500, 502, 503, 504)
+# 529: Anthropic's "overloaded"
+DEFAULT_RETRY_ON: tuple[RetryCondition, ...] = ("unavailable", "deadline", 429, 500, 502, 503,
+                                               504, 529)  # fmt: skip
 
 
 class RetryPolicy(_Model):

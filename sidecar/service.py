@@ -43,7 +43,8 @@ log = logging.getLogger("tether.sidecar")
 
 KIND_TO_PB = {"model": pb.CALL_KIND_MODEL, "tool": pb.CALL_KIND_TOOL}
 PB_TO_KIND: dict[int, str] = {pb.CALL_KIND_MODEL: "model", pb.CALL_KIND_TOOL: "tool"}
-DEFAULT_OPERATION = {"model": "chat", "tool": ""}
+# by upstream type, else by kind
+DEFAULT_OPERATION = {"anthropic": "messages", "model": "chat", "tool": ""}
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -156,7 +157,11 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         check_run_key(request)
         route = self.route(request.upstream)
         upstream = route.upstream
-        operation = request.operation or DEFAULT_OPERATION[upstream.kind]
+        operation = (
+            request.operation
+            or DEFAULT_OPERATION.get(upstream.type)
+            or DEFAULT_OPERATION[upstream.kind]
+        )
         labels = dict(request.labels) if request.labels else {}
         call = UpstreamRequest(operation, request.payload, None, request.idempotency_key,
                                request.run_id, labels)  # fmt: skip

@@ -15,6 +15,7 @@ started.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -32,8 +33,10 @@ from sidecar.upstreams.base import UpstreamRequest, UpstreamResponse, Usage
 
 log = logging.getLogger("tether.sidecar.calls")
 
-PROVIDERS = {"openai": "openai", "mock": "tether.mock", "http": "tether.http",
-             "guarded": "tether.guarded"}  # fmt: skip
+PROVIDERS = {"openai": "openai", "anthropic": "anthropic", "mock": "tether.mock",
+             "http": "tether.http", "guarded": "tether.guarded"}  # fmt: skip
+# Operations named as the GenAI conventions name them (Anthropic's messages are chat).
+GENAI_OPERATIONS = {"messages": "chat"}
 POLICY_METRICS = {
     "breaker.rejected": "breaker_rejections",
     "rate_limit.rejected": "rate_limit_rejections",
@@ -105,6 +108,7 @@ def model_of(body: Any) -> str:
     return model if isinstance(model, str) and model else "unknown"
 
 
+@functools.lru_cache(maxsize=256)
 def server_of(url: str | None) -> tuple[str, int]:
     if not url:
         return "", 0
@@ -124,6 +128,9 @@ class _StreamAnswer:
         self.reasons: list[str] = []
 
     def feed(self, data: bytes) -> None:
+        if data.startswith(b'{"type"'):  # Anthropic's events
+            self._feed_anthropic(data)
+            return
         want_id = not self.id and b'"id"' in data
         if not want_id and not _has_finish_reason(data):
             return  # most chunks: no JSON parsing
@@ -136,6 +143,24 @@ class _StreamAnswer:
         if want_id:
             self.id, self.model = _text(body.get("id")), _text(body.get("model"))
         self.reasons.extend(_finish_reasons(body.get("choices")))
+
+    def _feed_anthropic(self, data: bytes) -> None:
+        """`message_start` names the message and model, `message_delta` the stop reason;
+        the text deltas in between are not parsed."""
+        start = not self.id and data.startswith(b'{"type":"message_start"')
+        if not start and not data.startswith(b'{"type":"message_delta"'):
+            return
+        try:
+            body = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        message = body.get("message") if start else body.get("delta")
+        if not isinstance(message, dict):
+            return
+        if start:
+            self.id, self.model = _text(message.get("id")), _text(message.get("model"))
+        elif reason := _text(message.get("stop_reason")):
+            self.reasons.append(reason)
 
     def apply(self, span: Any) -> None:
         if self.id:
@@ -197,7 +222,7 @@ class TracedCall(CallObserver):
         self._answer: _StreamAnswer | None = None
         self._labels: tuple[str, str, str, str] | None = None
         self.model = "unknown"
-        self.operation = request.operation
+        self.operation = GENAI_OPERATIONS.get(request.operation, request.operation)
         try:
             self.model = model_of(request.body)
             if route.upstream.kind == "tool":
@@ -238,7 +263,7 @@ class TracedCall(CallObserver):
     def _attempt_name(self, upstream: Any) -> str:
         if upstream.kind == "tool":
             return f"execute_tool {self.request.operation or upstream.name}"
-        return f"{self.request.operation or 'chat'} {self.model}"
+        return f"{self.operation or 'chat'} {self.model}"
 
     # -- attempts ----------------------------------------------------------------------------
 
@@ -329,6 +354,8 @@ class TracedCall(CallObserver):
                 span.set_attribute(attr, value)
         choices = body.get("choices")
         reasons = _finish_reasons(choices)
+        if not reasons and isinstance(stop := body.get("stop_reason"), str) and stop:
+            reasons = [stop]  # Anthropic's message
         if reasons:
             span.set_attribute("gen_ai.response.finish_reasons", reasons)
         if self.t.capture_content and isinstance(choices, list):

@@ -294,7 +294,7 @@ class PooledUpstream:
         self.name = name
         self.kind: Kind = config.kind
         self.timeout_s = config.timeout_s
-        self._target = target
+        self.target_url = target  # where it calls (telemetry: server.address)
         secret_headers = secret_headers or {}
         self._secrets = secrets_of([api_key, *secret_headers.values()])
         self._limit = max_response_bytes
@@ -305,7 +305,7 @@ class PooledUpstream:
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, url={self._target!r})"
+        return f"{type(self).__name__}(name={self.name!r}, url={self.target_url!r})"
 
     async def start(self) -> None:
         """Open the connection pool; must run inside the event loop."""

@@ -26,7 +26,6 @@ KEY_ENV = "TETHER_TEST_ANTHROPIC_KEY"
 KEY = "sk-ant-upstream-SECRET-77"
 HELLO: list[Any] = [{"role": "user", "content": "hi"}]
 TOO_LONG = "prompt is too long: 210000 tokens > 200000 maximum"
-WITH_529 = {**FAST_RETRY, "retry_on": ["unavailable", "deadline", 429, 500, 503, 529]}
 
 
 @pytest.fixture(autouse=True)
@@ -293,13 +292,13 @@ def test_429_without_retry_after_fails_over(
 
 
 def test_overloaded_529(make_sidecar: SidecarFactory, api_server: MessagesFaultServer) -> None:
-    """A persistent 529 is retried (529 in retry_on) to max_attempts, then the caller gets
-    Anthropic's OverloadedError (529, overloaded_error)."""
+    """A persistent 529 is retried (it is in the default retry_on) to max_attempts, then
+    the caller gets Anthropic's OverloadedError (529, overloaded_error)."""
     primary = api_server.endpoint("primary")
     primary.mode, primary.status, primary.message = "status", 529, "Overloaded"
     started = time.monotonic()
     with pytest.raises(anthropic.OverloadedError) as caught:
-        create(client(front(make_sidecar, api_server, retry=WITH_529)))
+        create(client(front(make_sidecar, api_server, retry=FAST_RETRY)))
     assert (caught.value.status_code, caught.value.type) == (529, "overloaded_error")
     assert primary.hits == 3
     assert time.monotonic() - started < 0.5
@@ -340,9 +339,9 @@ def test_deadline_is_504(make_sidecar: SidecarFactory, api_server: MessagesFault
 def test_529_before_first_chunk_fails_over(
     make_sidecar: SidecarFactory, api_server: MessagesFaultServer
 ) -> None:
-    """A 529 before any event fails over at once (529 not in the default retry_on): the
-    backup streams the whole answer and the headers say so."""
-    sidecar = front(make_sidecar, api_server, backup=True)
+    """A 529 before any event, with no retry left, fails over: the backup streams the
+    whole answer and the headers say so."""
+    sidecar = front(make_sidecar, api_server, backup=True, retry=NO_RETRY)
     api_server.endpoint("primary").mode = "status"
     api_server.endpoint("primary").status = 529
     raw = client(sidecar).messages.with_raw_response.create(
@@ -357,8 +356,8 @@ def test_529_before_first_chunk_fails_over(
 def test_529_before_first_chunk_retried(
     make_sidecar: SidecarFactory, api_server: MessagesFaultServer
 ) -> None:
-    """With 529 in retry_on, one 529 before any event is retried on the same upstream."""
-    sidecar = front(make_sidecar, api_server, backup=True, retry=WITH_529)
+    """One 529 before any event is retried on the same upstream (default retry_on)."""
+    sidecar = front(make_sidecar, api_server, backup=True, retry=FAST_RETRY)
     primary = api_server.endpoint("primary")
     primary.mode, primary.times, primary.status = "status", 1, 529
     with client(sidecar).messages.stream(model="primary", max_tokens=64, messages=HELLO) as s:
@@ -370,8 +369,8 @@ def test_overloaded_event_first_fails_over(
     make_sidecar: SidecarFactory, api_server: MessagesFaultServer
 ) -> None:
     """An in-band overloaded error as the stream's first event is a failure before any
-    chunk: the backup answers."""
-    sidecar = front(make_sidecar, api_server, backup=True)
+    chunk: with no retry left, the backup answers."""
+    sidecar = front(make_sidecar, api_server, backup=True, retry=NO_RETRY)
     api_server.endpoint("primary").mode = "error_first"
     with client(sidecar).messages.stream(model="primary", max_tokens=64, messages=HELLO) as s:
         assert "".join(s.text_stream) == TEXT

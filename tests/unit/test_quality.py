@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -20,6 +22,7 @@ def test_ruff_lint_and_format() -> None:
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
 
 
+@pytest.mark.timeout(300)  # a cold, whole-tree check: over a minute on a busy 2-core machine
 def test_mypy_strict() -> None:
     """`mypy --strict` passes on the sidecar and the SDK (generated code excluded)."""
     result = run("mypy", "--cache-dir", "/dev/null")

@@ -36,7 +36,8 @@ class Sidecar:
         self.config = parse_config({
             "listen": {"grpc": "unix:/tmp/unused.sock"},
             "upstreams": {"m": {"kind": "model", "type": "mock"},
-                          "t": {"kind": "tool", "type": "mock"}},
+                          "t": {"kind": "tool", "type": "mock"},
+                          "a": {"type": "anthropic", "base_url": "https://llm.example:8443"}},
         })  # fmt: skip
         self.exporter = InMemorySpanExporter()
         self.telemetry = Telemetry(self.config, exporter=self.exporter if tracing else None)
@@ -255,6 +256,53 @@ def test_stream_answer_on_the_attempt_span(traced: Sidecar) -> None:
     assert attrs["gen_ai.response.model"] == "gpt-test-3"
     assert attrs["gen_ai.response.finish_reasons"] == ("length",)
     assert attrs["gen_ai.request.stream"] is True
+
+
+MESSAGES = {
+    "model": "claude-test",
+    "max_tokens": 8,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+ANTHROPIC_EVENTS = [
+    {"type": "message_start", "message": {"id": "msg_1", "model": "claude-test-2", "usage": {}}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {}},
+    {"type": "message_stop"},
+]
+
+
+def test_anthropic_messages_are_chat_with_their_server(traced: Sidecar) -> None:
+    """Anthropic's `messages` is the GenAI `chat` operation; its stream's first and last
+    events describe the answer; the attempt names the server it called."""
+    request = UpstreamRequest("messages", orjson.dumps(MESSAGES), MESSAGES, "k", "run-1")
+    call = traced.call("a", request, rpc="StreamCall", stream=True)
+    token = call.attempt_start("a", 1)
+    call.first_chunk()
+    for event in ANTHROPIC_EVENTS:
+        call.response_chunk(orjson.dumps(event))
+    call.attempt_end(token, UpstreamResponse(b"", usage=Usage(1, 2)), None)
+    call.finish(answered_by="a", usage=Usage(1, 2), exc=None)
+    attrs = traced.spans()["chat claude-test"].attributes
+    assert attrs is not None
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.provider.name"] == "anthropic"
+    assert (attrs["server.address"], attrs["server.port"]) == ("llm.example", 8443)
+    assert attrs["gen_ai.response.id"] == "msg_1"
+    assert attrs["gen_ai.response.model"] == "claude-test-2"
+    assert attrs["gen_ai.response.finish_reasons"] == ("end_turn",)
+
+
+def test_anthropic_message_stop_reason(traced: Sidecar) -> None:
+    request = UpstreamRequest("messages", orjson.dumps(MESSAGES), MESSAGES, "k", "run-1")
+    call = traced.call("a", request)
+    token = call.attempt_start("a", 1)
+    body = {"id": "msg_2", "type": "message", "model": "claude-test", "stop_reason": "max_tokens"}
+    call.attempt_end(token, answer(body), None)
+    call.finish(answered_by="a", usage=Usage(3, 4), exc=None)
+    attrs = traced.spans()["chat claude-test"].attributes
+    assert attrs is not None
+    assert attrs["gen_ai.response.finish_reasons"] == ("max_tokens",)
+    assert attrs["gen_ai.response.id"] == "msg_2"
 
 
 def test_untraced_calls_build_no_span_and_parse_nothing(
