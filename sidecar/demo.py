@@ -79,6 +79,18 @@ def _crash_and_resume(agent: str, env: dict[str, str], address: str) -> int:
     return resumed
 
 
+def _instrumented_act(agent: str, env: dict[str, str], directory: str) -> int:
+    """The fourth act: an agent instrumented with @tether.agent / @tether.tool, killed and
+    resumed: its tool bodies do not run again for the steps already done."""
+    print("\n== an instrumented agent (@tether.agent, @tether.tool): killed at step 4 of 6, "
+          "then re-run ==")  # fmt: skip
+    command = [sys.executable, agent, "--run-id", "instrumented-demo", "--steps", "6",
+               "--ledger", os.path.join(directory, "ledger.jsonl")]  # fmt: skip
+    crashed = subprocess.run([*command, "--crash-at", "4"], env=env).returncode
+    print(f"demo: the agent died (exit code {crashed}); running it again with the same run id")
+    return subprocess.run(command, env=env).returncode
+
+
 SHOWN_METRICS = ("tether_calls_total", "tether_breaker_transitions_total",
                  "tether_journal_replays_total", "tether_overhead_seconds_count")  # fmt: skip
 
@@ -139,6 +151,9 @@ def run_demo(*, agent: str, steps: int) -> int:
         unchanged = Path(agent).with_name("openai_agent.py")
         if agent_code == 0 and unchanged.is_file():
             agent_code = _openai_client_act(str(unchanged), config_path)
+        instrumented = Path(agent).with_name("instrumented_agent.py")
+        if agent_code == 0 and instrumented.is_file():
+            agent_code = _instrumented_act(str(instrumented), env, directory)
         _show_metrics(metrics)
         sidecar_code = _stop(sidecar)
         print(f"demo: sidecar drained and stopped (exit code {sidecar_code})")
