@@ -107,6 +107,9 @@ def test_demo_runs_end_to_end() -> None:
     assert "docker compose up" in out
     assert "== an unchanged OpenAI-client agent" in out  # the third act, through the HTTP front
     assert re.search(r"question 0: answered by llm \(attempts 1", out)
+    # the fourth act: killed at step 4, resumed with steps 1-3 answered from the journal
+    assert "step 4: crashing (SIGKILL)" in out
+    assert "run instrumented-demo complete: 3 steps replayed, 3 executed" in out
 
 
 def test_top_once(short_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
