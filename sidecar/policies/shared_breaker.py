@@ -5,9 +5,11 @@ slots) lives in Redis and changes only inside scripts (`state.scripts`), on the 
 server's clock, so a breaker opened by failures seen through one sidecar is open for all.
 
 Admission stays synchronous and costs no round trip: each sidecar keeps a view of the state,
-updated by the answers of its own scripts and by the transitions every script publishes
-(one subscription per sidecar), so a transition anywhere reaches every replica within a
-round trip. Outcomes are sent after the attempt, in the background. Half-open probes are
+updated by the answers of its own scripts and by what every script publishes (transitions
+and changes of the failure count; one subscription per sidecar), so a change anywhere
+reaches every replica within a round trip. Outcomes are sent after the attempt, in the
+background; a success while the view shows no failures changes nothing and is not sent, so
+a healthy upstream's breaker costs no round trip at all. Half-open probes are
 slots in Redis: at most `half_open_probes` across all replicas, each claimed by a script
 before a probe is let through. A replica claims a slot as the open period ends when it had
 calls refused meanwhile (or tripped the breaker itself), else at its first call after it
@@ -171,9 +173,14 @@ class SharedBreaker(Breaker):
     # -- outcomes and probe slots ------------------------------------------------------------
 
     def report(self, gen: str, epoch: int, claim: str, verdict: Verdict) -> None:
-        """Send an attempt's outcome (and free its probe slot) in the background."""
+        """Send an attempt's outcome (and free its probe slot) in the background; a
+        success that has no failures to reset costs nothing."""
         if (verdict is Verdict.NEUTRAL and not claim) or not self._store.health.up:
             return  # nothing to count; or the store is down and this outcome is lost
+        view = self._view
+        if (verdict is Verdict.SUCCESS and not claim and view.state == "closed"
+                and not view.failures and (gen, epoch) == (view.gen, view.epoch)):  # fmt: skip
+            return
         self._store.spawn(self._send(gen, epoch, claim, VERDICTS[verdict]))
 
     async def _send(self, gen: str, epoch: int, claim: str, verdict: str) -> None:

@@ -3,8 +3,9 @@
 The same GCRA buckets as `ratelimit` (requests, tokens), kept in Redis under the upstream's
 name and taken by one script per call, on the Redis server's clock: one round trip admits a
 call (both buckets at once, atomically; a denial takes nothing). Token estimates are reserved
-there before the call and settled with the real usage after it, in the background; a call
-cancelled while it waits gives its reservation back. Mode `wait`, `max_wait_s`, the deadline
+there before the call and settled with the real usage after it (the settlement rides on the
+next admission's round trip, or is sent alone within SETTLE_FLUSH_S); a call cancelled
+while it waits gives its reservation back. Mode `wait`, `max_wait_s`, the deadline
 and the retry delays are those of the local limiter.
 
 When the store fails, `on_store_error` decides: `fail_open` (the default) limits the call
@@ -26,6 +27,9 @@ from sidecar.state.store import StateStore, StoreError
 
 POLICY = "rate_limit"
 US = 1e6
+# Settlements wait this long for the next admission to carry them (no round trip of their
+# own under steady traffic); then they are sent alone.
+SETTLE_FLUSH_S = 0.05
 
 
 class SharedTokenPermit:
@@ -41,9 +45,9 @@ class SharedTokenPermit:
         usage = outcome.usage
         actual = usage.total_tokens if usage is not None else None
         if actual is not None and actual > 0:
-            self._limiter.adjust(0, actual - self._estimate)
+            self._limiter.settle(actual - self._estimate)
         elif outcome.error is not None:
-            self._limiter.adjust(0, -self._estimate)  # failed without usage: nothing spent
+            self._limiter.settle(-self._estimate)  # failed without usage: nothing spent
 
 
 class SharedRateLimiter(RateLimiter):
@@ -64,6 +68,8 @@ class SharedRateLimiter(RateLimiter):
         # What the buckets owed (TAT - now, us) at the last answer, for the gauges.
         self._owed = (0.0, 0.0)
         self._owed_at = clock.now()
+        self._settle = 0  # tokens used minus estimated, not sent yet
+        self._flusher: asyncio.Task[None] | None = None
 
     async def admit(self, estimate: int, deadline: Deadline) -> Permit:
         tpm = self.policy.tokens_per_min
@@ -81,8 +87,10 @@ class SharedRateLimiter(RateLimiter):
         return await super().admit(estimate, deadline)
 
     async def _admit_shared(self, cost: int, deadline: Deadline) -> Permit:
+        settle, self._settle = self._settle, 0  # carried by this round trip
         args = [self._req_interval, self._req_tolerance, self._tok_interval,
-                self._tok_tolerance, cost, self._max_wait(deadline) * US]  # fmt: skip
+                self._tok_tolerance, cost, self._max_wait(deadline) * US,
+                settle * self._tok_interval]  # fmt: skip
         reply = await self._store.run("rate_take", self._keys, args,
                                       upstream=self.upstream, policy=POLICY)  # fmt: skip
         admitted, wait_us, req_owed, tok_owed = (int(x) for x in reply)
@@ -98,6 +106,21 @@ class SharedRateLimiter(RateLimiter):
                 self.adjust(-1, -cost)
                 raise
         return SharedTokenPermit(self, cost) if cost else TokenPermit(None, 0)
+
+    def settle(self, tokens: int) -> None:
+        """Correct the token bucket by `tokens` (usage minus estimate): carried by the next
+        admission, or sent after SETTLE_FLUSH_S without one."""
+        if not tokens or not self._tok_interval or not self._store.health.up:
+            return
+        self._settle += tokens
+        if self._flusher is None or self._flusher.done():
+            self._flusher = self._store.spawn(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(SETTLE_FLUSH_S)  # I/O batching: real time, not the policies'
+        tokens, self._settle = self._settle, 0
+        if tokens:
+            await self._adjust([self._keys[1]], [tokens * self._tok_interval])
 
     def adjust(self, requests: int, tokens: int) -> None:
         """Give back (negative) or add requests and tokens in the store, in the background."""

@@ -19,29 +19,39 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
 # GCRA over a requests bucket and a tokens bucket at once (`policies.ratelimit.Bucket`, on the
 # server's clock). A bucket's key holds its theoretical arrival time (TAT); a missing key is a
-# full bucket. Nothing is written when the call is denied, so a denial takes no request slot.
+# full bucket. Settlements of earlier calls (token usage minus estimates) ride along and are
+# applied first, as RATE_ADJUST would. Nothing is taken when the call is denied, so a denial
+# takes no request slot.
 #   KEYS: requests TAT, tokens TAT
 #   ARGV: requests interval us (0: no request limit), requests tolerance us,
 #         tokens interval us per token (0: no token limit), tokens tolerance us,
-#         tokens to take, longest acceptable wait us
+#         tokens to take, longest acceptable wait us, tokens settled since (us, signed)
 #   -> {admitted 0|1, wait us (admitted: to sleep; denied: until it would pass),
 #       requests used us, tokens used us}  (used: TAT - now, for the gauges)
 RATE_TAKE = (
     _NOW
     + """
 local max_wait = tonumber(ARGV[6])
-local function tat_of(key)
+local function store(key, tat)
+  if tat > now then
+    redis.call('SET', key, string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
+  else
+    redis.call('DEL', key)
+  end
+end
+local function tat_of(key, settle)
   local tat = tonumber(redis.call('GET', key))
+  if settle ~= 0 then
+    tat = math.max((tat or now) + settle, now)
+    store(key, tat)
+  end
   if tat == nil or tat < now then return now end
   return tat
-end
-local function store(key, tat)
-  redis.call('SET', key, string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
 end
 local wait = 0
 local req_interval, tok_interval = tonumber(ARGV[1]), tonumber(ARGV[3])
 local cost = tonumber(ARGV[5])
-local req_old, tok_old = tat_of(KEYS[1]), tat_of(KEYS[2])
+local req_old, tok_old = tat_of(KEYS[1], 0), tat_of(KEYS[2], tonumber(ARGV[7]))
 local req_tat, tok_tat = req_old, tok_old
 if req_interval > 0 then
   req_tat = req_old + req_interval
@@ -86,7 +96,8 @@ return 1
 # us). The epoch grows at every transition: an outcome admitted in an earlier epoch counts
 # neither way. The generation is the server time the hash was created at: a sidecar whose
 # view comes from a hash that was lost (Redis restarted empty) takes the new one as it is.
-# Transitions are published on the channel as "upstream state epoch failures open_left_us gen".
+# Transitions and changes of the failure count are published on the channel as
+# "upstream state epoch failures open_left_us gen".
 _BREAKER = (
     _NOW
     + """
@@ -98,7 +109,7 @@ local opened = tonumber(h[3]) or 0
 local epoch = tonumber(h[4]) or 0
 local successes = tonumber(h[5]) or 0
 local gen = h[6] or string.format('%.0f', now)
-local dirty, changed = false, false
+local dirty, changed, failures0 = false, false, failures
 local function become(new_state)
   state, epoch, successes, dirty, changed = new_state, epoch + 1, 0, true, true
   if new_state == 'open' then opened = now end
@@ -116,7 +127,7 @@ local function finish(reset, channel, upstream, granted)
     redis.call('PEXPIRE', KEYS[1], 86400000)
   end
   local left = math.floor(open_left(reset))
-  if changed then
+  if changed or failures ~= failures0 then
     redis.call('PUBLISH', channel,
                table.concat({upstream, state, epoch, failures, left, gen}, ' '))
   end
