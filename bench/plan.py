@@ -67,43 +67,35 @@ class Plan:
 
 
 def _full() -> list[Scenario]:
-    tether = (DIRECT, GRPC, HTTP)
+    s, only_tether, full, normal = Scenario, (DIRECT, GRPC, HTTP), JOURNAL_FULL, JOURNAL_NORMAL
     return [
-        Scenario("c1", "latency, c=1, unary", 1, 2000),
-        Scenario(
-            "c1-bare", "latency, c=1, policies and telemetry off", 1, 2000, BARE, systems=tether
-        ),
-        Scenario("c1-jfull", "latency, c=1, journal FULL", 1, 2000, JOURNAL_FULL, systems=tether),
-        Scenario(
-            "c1-jnormal", "latency, c=1, journal NORMAL", 1, 2000, JOURNAL_NORMAL, systems=tether
-        ),
-        Scenario("c1-stream", "first chunk, c=1, streaming", 1, 1000, stream=True),
-        Scenario("c32", "throughput, c=32, unary", 32, 8000),
-        Scenario(
-            "c32-jfull", "throughput, c=32, journal FULL", 32, 8000, JOURNAL_FULL, systems=tether
-        ),
-        Scenario(
-            "c32-jnormal",
-            "throughput, c=32, journal NORMAL",
-            32,
-            8000,
-            JOURNAL_NORMAL,
-            systems=tether,
-        ),
-        Scenario("c32-stream", "first chunk, c=32, streaming", 32, 4000, stream=True),
-        Scenario("c128", "throughput, c=128, unary", 128, 8000),
+        s("c1", "latency, c=1, unary", 1, 1500),
+        s("c1-bare", "latency, c=1, no policies or telemetry", 1, 1500, BARE, systems=only_tether),
+        s("c1-jfull", "latency, c=1, journal FULL", 1, 1500, full, systems=only_tether),
+        s("c1-jnormal", "latency, c=1, journal NORMAL", 1, 1500, normal, systems=only_tether),
+        s("c1-stream", "first chunk, c=1, streaming", 1, 1000, stream=True),
+        s("c32", "throughput, c=32, unary", 32, 6000),
+        s("c32-jfull", "throughput, c=32, journal FULL", 32, 6000, full, systems=only_tether),
+        s("c32-jnormal", "throughput, c=32, journal NORMAL", 32, 6000, normal, systems=only_tether),
+        s("c32-stream", "first chunk, c=32, streaming", 32, 3000, stream=True),
+        s("c128", "throughput, c=128, unary", 128, 6000),
     ]
 
 
 def _quick() -> list[Scenario]:
-    tether = (DIRECT, GRPC, HTTP)
+    s, only_tether = Scenario, (DIRECT, GRPC, HTTP)
     return [
-        Scenario("c1", "latency, c=1, unary", 1, 600, systems=tether),
-        Scenario("c1-jfull", "latency, c=1, journal FULL", 1, 600, JOURNAL_FULL, systems=tether),
-        Scenario("c1-stream", "first chunk, c=1, streaming", 1, 300, stream=True, systems=tether),
-        Scenario("c32", "throughput, c=32, unary", 32, 3000, systems=tether),
-        Scenario(
-            "c32-jfull", "throughput, c=32, journal FULL", 32, 3000, JOURNAL_FULL, systems=tether
+        s("c1", "latency, c=1, unary", 1, 600, systems=only_tether),
+        s("c1-jfull", "latency, c=1, journal FULL", 1, 600, JOURNAL_FULL, systems=only_tether),
+        s("c1-stream", "first chunk, c=1, streaming", 1, 300, stream=True, systems=only_tether),
+        s("c32", "throughput, c=32, unary", 32, 3000, systems=only_tether),
+        s(
+            "c32-jfull",
+            "throughput, c=32, journal FULL",
+            32,
+            3000,
+            JOURNAL_FULL,
+            systems=only_tether,
         ),
     ]
 
@@ -140,7 +132,7 @@ def make_plan(
         scenarios=tuple(scenarios),
         rounds=2 if quick else 4,
         warmup_calls=100 if quick else 300,
-        round_max_s=3.0 if quick else 6.0,
+        round_max_s=3.0 if quick else 4.0,
         memory_calls=memory,
         profile_s=profile_s,
         with_litellm=with_litellm,

@@ -1,9 +1,12 @@
 """Profile a proxy under load with py-spy and summarize where its CPU time goes.
 
 `py-spy record --format raw` writes one collapsed stack per line (`root;...;leaf count`,
-each frame `function (file:line)`). The summary gives the share of samples per *area*
-(the library or sidecar module a leaf frame belongs to: self time) and the functions with
-the most self time and the most inclusive time.
+each frame `function (file:line)`); idle threads are left out. The summary gives the share
+of samples per thread *role* (event loop, journal writer, span exporter), per *area* (the
+library or sidecar module of the leaf frame: self time), and the functions with the most
+self time and the most inclusive time. py-spy sees Python frames only: time in C code
+(uvloop, gRPC's core, protobuf, syscalls) counts for the innermost Python frame, so samples
+whose leaf is the loop's `run` are the event loop's own native work.
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ from bench.load import Call, run_load
 from bench.procs import LOAD_CPU, pinned
 
 FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+NATIVE_LOOP = "event loop in native code (uvloop, grpc core, syscalls)"
+ENTRY_FILES = ("sidecar/cli.py", "sidecar/__main__.py", "sidecar/server.py")
+ROLES = (  # threads other than the main one: (a function in the stack, the thread's role)
+    ("SQLiteJournal._run", "journal writer thread"),
+    ("BatchProcessor.worker", "span export thread"),
+    ("BatchSpanProcessor.worker", "span export thread"),
+)
 AREAS = (  # first match wins: (substring of the file path, area)
     ("/sidecar/journal/", "sidecar journal"),
     ("/sidecar/telemetry/", "sidecar telemetry"),
@@ -73,18 +83,32 @@ def parse(raw: str) -> list[tuple[list[tuple[str, str]], int]]:
     return stacks
 
 
+def role(frames: list[tuple[str, str]]) -> str:
+    """The main thread runs the event loop (its task frames start at a coroutine, not at
+    `Runner.run`); other threads start at `Thread._bootstrap`."""
+    if frames[0][0] != "Thread._bootstrap":
+        return "event loop thread"
+    functions = {function for function, _ in frames}
+    return next((name for marker, name in ROLES if marker in functions), "other threads")
+
+
 def summarize(raw: str, top: int = 12) -> dict[str, Any]:
-    """Self time per area, top functions by self and by inclusive time (% of samples)."""
+    """Shares of samples (%) per thread role, per area and function of the leaf frame
+    (self time), and per sidecar function anywhere in the stack (inclusive time)."""
     stacks = parse(raw)
     total = sum(count for _, count in stacks) or 1
+    roles: Counter[str] = Counter()
     areas: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     for frames, count in stacks:
         function, file = frames[-1]
-        areas[area(file)] += count
+        native = function in ("Runner.run", "run_until_complete", "run_forever")
+        roles[role(frames)] += count
+        areas[NATIVE_LOOP if native else area(file)] += count
         leaves[f"{function} ({_short(file)})"] += count
-        for seen in {f"{f} ({_short(p)})" for f, p in frames if "/sidecar/" in p}:
+        for seen in {f"{f} ({_short(p)})" for f, p in frames
+                     if "/sidecar/" in p and not p.endswith(ENTRY_FILES)}:  # fmt: skip
             inclusive[seen] += count
 
     def share(counter: Counter[str]) -> list[tuple[str, float]]:
@@ -92,6 +116,7 @@ def summarize(raw: str, top: int = 12) -> dict[str, Any]:
 
     return {
         "samples": total,
+        "by_role": share(roles),
         "self_by_area": share(areas),
         "self_by_function": share(leaves),
         "inclusive_sidecar": share(inclusive),

@@ -132,6 +132,7 @@ def memory_text(memory: dict[str, Any] | None) -> str:
 def profile_text(profile: dict[str, Any] | None) -> str:
     if not profile:
         return ""
+    roles = ", ".join(f"{name} {share}%" for name, share in profile["by_role"])
     areas = ", ".join(f"{name} {share}%" for name, share in profile["self_by_area"])
     leaves = "\n".join(f"| {name} | {share}% |" for name, share in profile["self_by_function"][:10])
     inclusive = "\n".join(
@@ -141,7 +142,7 @@ def profile_text(profile: dict[str, Any] | None) -> str:
         f"### Profile: py-spy, {profile['proxy']} under c=32 gRPC load with the journal on\n\n"
         f"{profile['samples']:,} samples over {profile['seconds']:.0f} s "
         f"({profile['calls_per_s']:,.0f} calls/s while sampled, py-spy at 250 Hz, non-blocking). "
-        f"Self time by area: {areas}.\n\n"
+        f"By thread: {roles}. Self time by area: {areas}.\n\n"
         f"| top self time | share |\n| --- | ---: |\n{leaves}\n\n"
         f"| sidecar function (inclusive) | share |\n| --- | ---: |\n{inclusive}"
     )

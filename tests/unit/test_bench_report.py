@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.plan import make_plan
-from bench.profile import summarize
+from bench.profile import NATIVE_LOOP, summarize
 from bench.report import BEGIN, END, update_results_md
 from bench.runner import percentile
 from bench.targets import evaluate
@@ -93,13 +93,20 @@ def test_results_md_section_replaced_and_old_sections_kept(tmp_path: Path) -> No
 def test_profile_summary_by_area_and_function() -> None:
     """py-spy's collapsed stacks become self-time shares per area and per function."""
     raw = (
-        "run (/x/sidecar/service.py:10);_write (/x/sidecar/journal/sqlite.py:5) 30\n"
-        "run (/x/sidecar/service.py:10);export (/x/site-packages/opentelemetry/e.py:1) 10\n"
+        "Thread._bootstrap (/py/threading.py:1);SQLiteJournal._run (/x/sidecar/journal/sqlite.py:9)"
+        ";_write (/x/sidecar/journal/sqlite.py:5) 30\n"
+        "call (/x/sidecar/service.py:10);export (/x/site-packages/opentelemetry/e.py:1) 6\n"
+        "Runner.run (/py/asyncio/runners.py:118) 4\n"
     )
     found = summarize(raw)
     assert found["samples"] == 40
-    assert dict(found["self_by_area"]) == {"sidecar journal": 75.0, "opentelemetry SDK": 25.0}
-    assert dict(found["inclusive_sidecar"])["run (sidecar/service.py)"] == 100.0
+    assert dict(found["by_role"]) == {"journal writer thread": 75.0, "event loop thread": 25.0}
+    assert dict(found["self_by_area"]) == {
+        "sidecar journal": 75.0,
+        "opentelemetry SDK": 15.0,
+        NATIVE_LOOP: 10.0,
+    }
+    assert dict(found["inclusive_sidecar"])["call (sidecar/service.py)"] == 15.0
 
 
 def test_quick_plan_is_smaller_and_calls_override() -> None:
