@@ -107,7 +107,9 @@ async def measure(plan: Plan, args: argparse.Namespace, tmp: Path) -> dict[str, 
             }
         await _run_plan(plan, proxies, upstream_url, tmp, result)
     finally:
-        for child in reversed(children):
+        for child in children:
+            child.terminate()  # all at once: their drains overlap
+        for child in children:
             child.stop()
         spans = systems.stop_otlp_sink(otlp)
     result["otlp_spans"] = spans

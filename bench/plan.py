@@ -83,20 +83,13 @@ def _full() -> list[Scenario]:
 
 
 def _quick() -> list[Scenario]:
-    s, only_tether = Scenario, (DIRECT, GRPC, HTTP)
+    s, only_tether, full = Scenario, (DIRECT, GRPC, HTTP), JOURNAL_FULL
     return [
-        s("c1", "latency, c=1, unary", 1, 600, systems=only_tether),
-        s("c1-jfull", "latency, c=1, journal FULL", 1, 600, JOURNAL_FULL, systems=only_tether),
-        s("c1-stream", "first chunk, c=1, streaming", 1, 300, stream=True, systems=only_tether),
-        s("c32", "throughput, c=32, unary", 32, 3000, systems=only_tether),
-        s(
-            "c32-jfull",
-            "throughput, c=32, journal FULL",
-            32,
-            3000,
-            JOURNAL_FULL,
-            systems=only_tether,
-        ),
+        s("c1", "latency, c=1, unary", 1, 400, systems=only_tether),
+        s("c1-jfull", "latency, c=1, journal FULL", 1, 400, full, systems=only_tether),
+        s("c1-stream", "first chunk, c=1, streaming", 1, 200, stream=True, systems=only_tether),
+        s("c32", "throughput, c=32, unary", 32, 2000, systems=only_tether),
+        s("c32-jfull", "throughput, c=32, journal FULL", 32, 2000, full, systems=only_tether),
     ]
 
 
@@ -132,7 +125,7 @@ def make_plan(
         scenarios=tuple(scenarios),
         rounds=2 if quick else 4,
         warmup_calls=100 if quick else 300,
-        round_max_s=3.0 if quick else 4.0,
+        round_max_s=2.0 if quick else 4.0,
         memory_calls=memory,
         profile_s=profile_s,
         with_litellm=with_litellm,
