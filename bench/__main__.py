@@ -70,6 +70,7 @@ def setup_text(plan: Plan, spans: int) -> str:
         f"OTLP/gRPC receiver ({spans:,} spans received); the `bare` variant has neither. gRPC "
         "over a unix socket with the SDK's AsyncClient; HTTP with one aiohttp client for "
         "direct, the sidecar's front and LiteLLM alike."
+        + (f" {litellm.SETUP}" if plan.with_litellm else "")
     )
 
 
@@ -99,9 +100,8 @@ async def measure(plan: Plan, args: argparse.Namespace, tmp: Path) -> dict[str, 
             proxies[LITELLM] = await litellm.start_litellm(command, upstream_url, tmp)
             children.append(proxies[LITELLM].child)
             print(f"started litellm in {proxies[LITELLM].startup_s:.2f} s", flush=True)
-        for name, proxy in proxies.items():
-            key = name if name == LITELLM else proxy.name
-            result["startup"][key] = {
+        for proxy in proxies.values():
+            result["startup"][proxy.name] = {
                 "first_call_s": proxy.startup_s,
                 "first_http_call_s": proxy.http_startup_s,
             }

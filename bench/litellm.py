@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.load import MODEL
+from bench.load import MODEL, http_session
 from bench.procs import PROXY_CPU, free_port, spawn
 from bench.systems import Proxy, first_http_call
 
@@ -31,6 +31,11 @@ DEFAULT_VENV = Path(
 )
 MASTER_KEY = "sk-tether-bench-0123456789abcdef0123456789abcdef"
 MARKER = ".tether-bench-spec"
+SETUP = (
+    "LiteLLM: `litellm --config ... --num_workers 1` (uvicorn, one worker), the same mock "
+    "upstream as an `openai/` model, a master key, no database, LITELLM_LOG=ERROR, telemetry "
+    "off, the bundled model cost map."
+)
 
 
 def ensure_venv(venv: Path, spec: str) -> Path:
@@ -86,8 +91,6 @@ def write_config(directory: Path, upstream_url: str) -> Path:
 
 async def start_litellm(command: Path, upstream_url: str, directory: Path) -> Proxy:
     """Spawn the proxy (one worker) on the proxy core; wait for its first answered call."""
-    from bench.load import http_session
-
     port = free_port()
     config = write_config(directory, upstream_url)
     argv = [
@@ -109,7 +112,11 @@ async def start_litellm(command: Path, upstream_url: str, directory: Path) -> Pr
     )
     headers = {"Authorization": f"Bearer {MASTER_KEY}"}
     proxy = Proxy("litellm", child, f"http://127.0.0.1:{port}/v1", headers=headers)
-    async with http_session() as session:
-        proxy.startup_s = await first_http_call(child, session, proxy.http_url, headers)
+    try:
+        async with http_session() as session:
+            proxy.startup_s = await first_http_call(child, session, proxy.http_url, headers)
+    except BaseException:
+        child.stop()
+        raise
     proxy.http_startup_s = proxy.startup_s
     return proxy

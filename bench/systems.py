@@ -136,9 +136,13 @@ async def start_sidecar(
     )
     address = config["listen"]["grpc"]
     proxy = Proxy(f"tether-{variant.name}", child, f"http://127.0.0.1:{port}/v1", address)
-    proxy.startup_s = await first_grpc_call(child, address)
-    async with http_session() as session:
-        proxy.http_startup_s = await first_http_call(child, session, proxy.http_url, None)
+    try:
+        proxy.startup_s = await first_grpc_call(child, address)
+        async with http_session() as session:
+            proxy.http_startup_s = await first_http_call(child, session, proxy.http_url, None)
+    except BaseException:
+        child.stop()
+        raise
     return proxy
 
 
