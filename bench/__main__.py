@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shlex
 import sys
 import tempfile
@@ -54,6 +55,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="update bench/RESULTS.md (default: in full mode)",
     )
     parser.add_argument("--note", default="", help="a note for the RESULTS.md section")
+    parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                        help="measure nothing: write the tables, plot and RESULTS.md section "
+                        "of a saved results.json")  # fmt: skip
     parser.add_argument("--litellm-spec", default=litellm.DEFAULT_SPEC)
     parser.add_argument("--litellm-venv", type=Path, default=litellm.DEFAULT_VENV)
     return parser.parse_args(argv)
@@ -166,6 +170,8 @@ async def _run_plan(
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.render:
+        return render(args)
     plan = make_plan(
         quick=args.quick,
         with_litellm=args.with_litellm,
@@ -200,6 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     _write(result, targets, out, record=_should_record(args, plan, failed))
     print(f"took {result['elapsed_s']:.0f} s", flush=True)
     return 1 if failed else 0
+
+
+def render(args: argparse.Namespace) -> int:
+    """Tables, plot and RESULTS.md section of a saved run (targets evaluated anew)."""
+    result = json.loads(args.render.read_text())
+    targets = evaluate(result)
+    result["targets"] = targets
+    print(report.console(result, targets), flush=True)
+    out = args.out or HERE
+    out.mkdir(parents=True, exist_ok=True)
+    _write(result, targets, out, record=args.record is not False)
+    return 0
 
 
 def _should_record(args: argparse.Namespace, plan: Plan, failed: list[str]) -> bool:
