@@ -1,11 +1,12 @@
 """The Redis client of shared rate limits and breakers: scripts, bounds, and breaker events.
 
-Every operation is one script call (EVALSHA; on NOSCRIPT, after a Redis restart, the script
-is loaded again and called once more), bounded by `state.timeout_s`, without the client's
-own retries: a failure or timeout goes to `StoreHealth`, which starts an incident and takes
-the store out of every call's path until a probe finds it back. Breaker transitions are
-published by the scripts and followed here on one subscription per sidecar, so every
-replica's view of a breaker changes within a round trip of the change.
+Every operation is one script call (EVALSHA on one pipelining connection, `state.resp`; on
+NOSCRIPT, after a Redis restart, the script is loaded and called once more), bounded by
+`state.timeout_s`, never retried: a failure or timeout goes to `StoreHealth`, which starts
+an incident and takes the store out of every call's path until a probe finds it back.
+Breaker transitions are published by the scripts and followed here on one subscription per
+sidecar (redis-py's pub/sub), so every replica's view of a breaker changes within a round
+trip of the change.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from redis.backoff import NoBackoff
 
 from sidecar.config import Config, StateConfig, resolve_secret
 from sidecar.state.health import StoreHealth
+from sidecar.state.resp import ScriptClient
 from sidecar.state.scripts import SCRIPTS
 
 log = logging.getLogger("tether.sidecar.state")
@@ -55,11 +57,9 @@ class StateStore:
         self.replicas = config.replicas
         self.timeout_s = config.timeout_s
         self.channel = f"{self.prefix}:breakers"
-        self.client = _client(url, config.timeout_s)
-        # Breaker events on a connection of their own: a reconnect of the calls' connections
-        # after an incident does not cut the subscription, nor the other way round.
+        self.scripts = ScriptClient(url, SCRIPTS)  # the calls' path: one pipelined socket
+        # Breaker events on redis-py's pub/sub, a connection of its own.
         self._events = _client(url, config.timeout_s)
-        self.scripts = {name: self.client.register_script(lua) for name, lua in SCRIPTS.items()}
         self.health = StoreHealth(STORE, public_address(url), config.retry_after_s, self._reconnect)
         self.health.on_up.append(self._resubscribe)
         self.breakers: dict[str, BreakerState] = {}
@@ -84,7 +84,7 @@ class StateStore:
             raise StoreError(f"shared state store {self.health.where} is down")
         try:
             async with asyncio.timeout(self.timeout_s):
-                reply: list[Any] = await self.scripts[script](keys=keys, args=args)
+                reply: list[Any] = await self.scripts.call(script, keys, args)
         except Exception as exc:  # redis errors, OSError, TimeoutError: the store failed
             self.health.failed(exc, upstream, policy)
             raise StoreError(str(exc)) from exc
@@ -128,25 +128,30 @@ class StateStore:
             self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def close(self) -> None:
+        """Stop following events, cancel what runs in the background, close the sockets;
+        each step bounded (a frozen server must not hold up a drain)."""
         if self._listener is not None:
             self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+            await asyncio.wait({self._listener}, timeout=2 * self.timeout_s)
         await self.health.close()
         tasks = [*self._tasks, *self._timers]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self.client.aclose()
-        await self._events.aclose()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2 * self.timeout_s)
+        self.scripts.reset()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.timeout_s):
+                await self._events.aclose()
 
     async def _ping(self) -> None:
         async with asyncio.timeout(self.timeout_s):
-            await self.client.ping()
+            await self.scripts.ping()
 
     async def _reconnect(self) -> None:
-        """The probe of an incident: drop every pooled connection (a restarted server closed
-        them all; each would fail once more), then PING on a new one."""
-        await self.client.connection_pool.disconnect()
+        """The probe of an incident: a new connection (the old one may be dead, or hold
+        the answers of calls long given up), then PING on it."""
+        self.scripts.reset()
         await self._ping()
 
     def _resubscribe(self) -> None:
@@ -159,7 +164,9 @@ class StateStore:
             if not self.health.up:
                 self._subscribed.clear()
                 await self._subscribed.wait()
-            await self._events.connection_pool.disconnect()  # none left from before
+            with contextlib.suppress(Exception):  # none left from before the incident
+                async with asyncio.timeout(self.timeout_s):
+                    await self._events.connection_pool.disconnect()
             pubsub = self._events.pubsub()
             try:
                 async with asyncio.timeout(self.timeout_s):
@@ -175,7 +182,8 @@ class StateStore:
                 self.health.failed(exc, "", "breaker")
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    async with asyncio.timeout(self.timeout_s):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _dispatch(self, data: bytes) -> None:
         parts = data.decode().split(" ")
