@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -20,6 +21,7 @@ from sidecar.policies.clock import SYSTEM_CLOCK, Clock
 from sidecar.policies.deadline import Deadline
 from sidecar.policies.shared_breaker import SharedBreaker
 from sidecar.policies.shared_ratelimit import SharedRateLimiter
+from sidecar.state.resp import ScriptClient
 from sidecar.state.store import StateStore
 from sidecar.upstreams.base import Usage
 from tests.redis_support import key_prefix, redis_url
@@ -289,3 +291,27 @@ async def test_a_lost_breaker_state_is_taken_as_closed(stores: Stores, redis_url
     assert a.state == "closed"
     a.admit().release(FAILURE)
     await eventually(lambda: a.state == "open")
+
+
+async def test_pipelined_answers_reach_their_callers_under_timeouts(redis_url: str) -> None:
+    """3000 script calls in flight on the one connection, many given up at random moments:
+    every answer that arrives reaches the caller that asked for it."""
+    client = ScriptClient(redis_url, {"echo": "return ARGV[1]"})
+    rng = random.Random(7)
+    outcomes = {"right": 0, "wrong": 0, "gave up": 0}
+
+    async def one(token: str) -> None:
+        try:
+            async with asyncio.timeout(rng.choice([0.0002, 0.001, 5, 5])):
+                answer = await client.call("echo", [], [token])
+        except TimeoutError:
+            outcomes["gave up"] += 1
+            return
+        outcomes["right" if answer == token.encode() else "wrong"] += 1
+
+    try:
+        for batch in range(3):
+            await asyncio.gather(*(one(f"t{batch}-{i}") for i in range(1000)))
+    finally:
+        client.reset()
+    assert outcomes["wrong"] == 0 and outcomes["right"] > 1000 and outcomes["gave up"] > 0
