@@ -11,9 +11,11 @@ mark at all (running one again after a crash is harmless): their entry is writte
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from sidecar.errors import JournalUnavailableError
 
 
 class State(enum.StrEnum):
@@ -107,10 +109,29 @@ class Retention:
     runs: int = 0
 
 
+class JournalClosedError(RuntimeError):
+    """An operation submitted after the journal closed (or its writer stopped)."""
+
+
+class StoreDownError(JournalUnavailableError):
+    """Refused without reaching the store, known to be down: nothing was written."""
+
+
 class JournalStore(Protocol):
     """Storage for the journal and checkpoints. All methods are safe to await concurrently."""
 
+    # Told how long each commit took, and whether it had durable writes (metrics).
     observe_commit: Callable[[float, bool], None] | None
+    # Told of the store's events (metrics): "up" (it answers: opened, or back after an
+    # incident), "down" (an incident began: unreachable or too slow), "error" (an
+    # operation failed), "refused" (refused at once during an incident).
+    observe_store: Callable[[str], None] | None
+
+    @property
+    def available(self) -> bool:
+        """Whether the store is serving now (readiness): open, and reachable as far as
+        the store knows."""
+        ...
 
     async def open(self) -> None: ...
 
@@ -121,8 +142,9 @@ class JournalStore(Protocol):
         or None when this call inserted it (the caller owns the execution)."""
         ...
 
-    async def restart(self, entry: Entry, *, durable: bool) -> None:
-        """Turn an existing entry back into STARTED for a new execution (retry, re-run)."""
+    async def restart(self, entry: Entry, *, durable: bool) -> bool:
+        """Turn an existing entry back into STARTED for a new execution (retry, re-run);
+        False when it is STARTED already by another execution (another process won)."""
         ...
 
     def may_contain(self, run_id: str, key: str) -> bool:
@@ -158,6 +180,11 @@ class JournalStore(Protocol):
         ...
 
     async def run(self, run_id: str) -> RunSummary | None: ...
+
+    async def count_started(self, excluding: Iterable[tuple[str, str]] = ()) -> int:
+        """Entries begun and not completed (STARTED), except those of the `(run_id, key)`
+        pairs in `excluding` (the calls executing now): the entries in doubt."""
+        ...
 
     async def expire(self, now: float) -> Retention:
         """Apply the retention rules once."""

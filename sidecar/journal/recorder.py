@@ -34,7 +34,14 @@ from typing import TypeVar
 
 from sidecar import errors, status
 from sidecar.config import JournalConfig
-from sidecar.journal.base import Completion, Entry, JournalStore, State, StoredError
+from sidecar.journal.base import (
+    Completion,
+    Entry,
+    JournalStore,
+    State,
+    StoredError,
+    StoreDownError,
+)
 from sidecar.pipeline import CallTrace
 from sidecar.pipeline import may_have_executed as _may_have_executed
 from sidecar.policies.base import Verdict, verdict_of
@@ -161,6 +168,17 @@ class Recorder:
                       started_at=time.time())  # fmt: skip
         try:
             claim = await self._claim_stored(ident, idempotent, fresh)
+        except errors.JournalError as exc:
+            if isinstance(exc, errors.JournalUnavailableError) and not (
+                idempotent or isinstance(exc, StoreDownError)
+            ):
+                # A failed `begin` or `restart` may have written this call's STARTED mark
+                # anyway (a store that timed out after it committed): nothing was sent, so
+                # remove the mark if the store lets us, then let joined callers claim again.
+                self._forget_then_release(ident, fresh)
+            else:
+                self._release(ident)
+            raise
         except BaseException as exc:
             if isinstance(exc, Exception) or idempotent:
                 self._release(ident)
@@ -186,8 +204,8 @@ class Recorder:
         def done(task: asyncio.Task[None]) -> None:
             self._tasks.discard(task)
             if not task.cancelled() and task.exception() is not None:
-                log.warning("journal: could not remove the mark of cancelled call %r of run "
-                            "%r: %s", ident.key, ident.run_id, task.exception())  # fmt: skip
+                log.warning("journal: could not remove the mark of call %r of run %r (never "
+                            "sent): %s", ident.key, ident.run_id, task.exception())  # fmt: skip
             self._release(ident)
 
         task.add_done_callback(done)
@@ -202,19 +220,20 @@ class Recorder:
             existing = await self._io(self.store.get(ident.run_id, ident.key))
         else:
             existing = await self._io(self.store.begin(fresh, durable=True))
-        if existing is None:
-            return execute
-        if existing.request_hash != ident.request_hash:
-            raise errors.NonDeterministicReplayError(
-                f"non-deterministic replay: key {ident.key!r} of run {ident.run_id!r} was "
-                f"journaled with request {existing.request_hash}, this call is "
-                f"{ident.request_hash} (upstream, operation or payload changed)"
-            )
-        if self._reexecute(existing, idempotent):
-            if not idempotent:
-                await self._io(self.store.restart(fresh, durable=True))
-            return execute
-        return self._replayed(ident, existing, idempotent, count=True)
+        while existing is not None:
+            if existing.request_hash != ident.request_hash:
+                raise errors.NonDeterministicReplayError(
+                    f"non-deterministic replay: key {ident.key!r} of run {ident.run_id!r} was "
+                    f"journaled with request {existing.request_hash}, this call is "
+                    f"{ident.request_hash} (upstream, operation or payload changed)"
+                )
+            if not self._reexecute(existing, idempotent):
+                return self._replayed(ident, existing, idempotent, count=True)
+            if idempotent or await self._io(self.store.restart(fresh, durable=True)):
+                return execute
+            # Another process (sharing the store) restarted the key first: look again.
+            existing = await self._io(self.store.begin(fresh, durable=True))
+        return execute
 
     def _reexecute(self, entry: Entry, idempotent: bool) -> bool:
         """Whether a stored entry is run again instead of answered (or refused)."""

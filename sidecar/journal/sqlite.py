@@ -13,6 +13,9 @@ fails, every operation of the batch not answered yet gets the error; an unexpect
 logged and the writer keeps serving; an operation submitted once the journal is closing or
 closed raises `JournalClosedError` at once.
 
+The statements and the retention rules are shared with PostgreSQL (`sidecar.journal.sql`);
+only claiming a key and writing an outcome are SQLite's own (one writer: a read decides).
+
 Schema (version 1):
 
     entries(run_id, key, seq, request_hash, upstream, operation, stream, state, started_at,
@@ -35,19 +38,26 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-import orjson
-
 from sidecar.config import JournalConfig
 from sidecar.journal.base import (
     Checkpoint,
     Completion,
     Entry,
+    JournalClosedError,
     Retention,
     RunSummary,
-    State,
-    StoredError,
 )
 from sidecar.journal.keyfilter import KeyFilter
+from sidecar.journal.sql import (
+    SQLITE,
+    Done,
+    Plan,
+    Queries,
+    Statement,
+    advance,
+    error_json,
+    reply,
+)
 
 log = logging.getLogger("tether.sidecar.journal")
 
@@ -82,46 +92,36 @@ CREATE TABLE IF NOT EXISTS runs (
     calls INTEGER NOT NULL DEFAULT 0, latest_step INTEGER NOT NULL DEFAULT -1
 ) WITHOUT ROWID;
 """
-
-ENTRY_COLUMNS = (
-    "run_id, key, seq, request_hash, upstream, operation, stream, state, started_at, "
-    "completed_at, answered_by, upstream_status, attempts, input_tokens, output_tokens, "
-    "payload, too_large, error, replays"
+NEXT_SEQ = (
+    "INSERT INTO runs (run_id, created_at, updated_at, calls) VALUES (?, ?, ?, 1) "
+    "ON CONFLICT (run_id) DO UPDATE SET calls = runs.calls + 1, "
+    "updated_at = excluded.updated_at RETURNING calls"
+)
+INSERT_STARTED = (
+    "INSERT INTO entries (run_id, key, seq, request_hash, upstream, operation, stream, state, "
+    "started_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'started', ?)"
+)
+COMPLETE = (
+    "UPDATE entries SET state = ?, completed_at = ?, answered_by = ?, upstream_status = ?, "
+    "attempts = ?, input_tokens = ?, output_tokens = ?, payload = ?, too_large = ?, error = ?, "
+    "started_at = ? WHERE run_id = ? AND key = ?"
+)
+INSERT_DONE = (
+    "INSERT INTO entries (run_id, key, seq, request_hash, upstream, operation, stream, state, "
+    "started_at, completed_at, answered_by, upstream_status, attempts, input_tokens, "
+    "output_tokens, payload, too_large, error) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
-def _error_json(error: StoredError | None) -> str | None:
-    if error is None:
-        return None
-    return orjson.dumps(
-        {
-            "code": error.code,
-            "reason": error.reason,
-            "message": error.message,
-            "metadata": error.metadata,
-            "retryable": error.retryable,
-        }
-    ).decode()
-
-
-def _error_of(text: str | None) -> StoredError | None:
-    if text is None:
-        return None
-    data = orjson.loads(text)
-    return StoredError(
-        data["code"], data["reason"], data["message"], data["metadata"], data["retryable"]
-    )
-
-
-def _entry(row: tuple[Any, ...]) -> Entry:
-    (run_id, key, seq, request_hash, upstream, operation, stream, state, started_at,
-     completed_at, answered_by, upstream_status, attempts, input_tokens, output_tokens,
-     payload, too_large, error, replays) = row  # fmt: skip
-    return Entry(
-        run_id, key, request_hash, upstream, operation, bool(stream), State(state), seq,
-        started_at, completed_at, answered_by, upstream_status, attempts, input_tokens,
-        output_tokens, payload, bool(too_large), _error_of(error), replays,
-    )  # fmt: skip
+def run_plan(conn: sqlite3.Connection, plan: Plan[T]) -> T:
+    """Drive a plan of `sidecar.journal.sql` on the writer's connection."""
+    answer: Any = None
+    while not isinstance(step := advance(plan, answer), Done):
+        cursor = conn.execute(step.sql, step.args)
+        answer = reply(step, cursor.rowcount, cursor.fetchall())
+    value: T = step.value
+    return value
 
 
 class _Op:
@@ -146,10 +146,6 @@ class _Op:
 
 
 Outcome = tuple[_Op, Any, BaseException | None]
-
-
-class JournalClosedError(RuntimeError):
-    """An operation submitted after the journal closed (or its writer stopped)."""
 
 
 def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -191,8 +187,8 @@ class SQLiteJournal:
         self.path = config.path
         self.commits = 0
         self.ops = 0
-        # Told how long each commit took, and whether it had durable writes (metrics).
         self.observe_commit: Callable[[float, bool], None] | None = None
+        self.observe_store: Callable[[str], None] | None = None
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -200,11 +196,8 @@ class SQLiteJournal:
         # Guards `_closed` and the queue's end: nothing is queued after the writer's stop.
         self._lock = threading.Lock()
         self._closed = False
-        # Retention looks only at runs written since its last pass (writer thread only);
-        # `_dirty_all`: every run (the first pass, or after a failed one).
-        self._dirty_entries: set[str] = set()
-        self._dirty_checkpoints: set[str] = set()
-        self._dirty_all = True
+        # Statements and retention's record of the runs written (writer thread only).
+        self.queries = Queries(SQLITE)
         self.keys = KeyFilter()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -212,13 +205,15 @@ class SQLiteJournal:
     async def open(self) -> None:
         """Create or open the file, apply the schema, start the writer thread."""
         self._closed = False
-        self._dirty_all = True
+        self.queries.touched.all = True
         self._ready.clear()
         self._thread = threading.Thread(target=self._run, name="tether-journal", daemon=True)
         self._thread.start()
         await asyncio.to_thread(self._ready.wait)
         if self._open_error is not None:
             raise self._open_error
+        if self.observe_store is not None:
+            self.observe_store("up")
 
     async def close(self) -> None:
         """Stop the writer after the operations already queued; later ones are refused."""
@@ -344,7 +339,8 @@ class SQLiteJournal:
                 self.observe_commit(time.perf_counter() - committing, bool(results))
         except Exception as exc:
             log.error("journal commit failed: %s", exc)
-            self._dirty_all = True  # a rolled-back retention pass may not have pruned
+            if self.observe_store is not None:
+                self.observe_store("error")
             if conn.in_transaction:
                 try:
                     conn.execute("ROLLBACK")
@@ -383,6 +379,15 @@ class SQLiteJournal:
             self._queue.put(_Op(apply, durable, future, loop, standalone))
         return future
 
+    def _submit_plan(self, plan: Plan[T], *, durable: bool = True) -> Any:
+        """Queue a plan of `sidecar.journal.sql` for the writer (see `_submit`)."""
+        return self._submit(lambda conn: run_plan(conn, plan), durable=durable)
+
+    @property
+    def available(self) -> bool:
+        thread = self._thread
+        return not self._closed and thread is not None and thread.is_alive()
+
     # -- calls -------------------------------------------------------------------------
 
     def may_contain(self, run_id: str, key: str) -> bool:
@@ -390,286 +395,99 @@ class SQLiteJournal:
 
     async def begin(self, entry: Entry, *, durable: bool) -> Entry | None:
         self.keys.add(entry.run_id, entry.key)
-
-        def apply(conn: sqlite3.Connection) -> Entry | None:
-            row = conn.execute(
-                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE run_id = ? AND key = ?",
-                (entry.run_id, entry.key),
-            ).fetchone()
-            if row is not None:
-                return _entry(row)
-            entry.seq = self._next_seq(conn, entry.run_id, entry.started_at)
-            conn.execute(
-                "INSERT INTO entries (run_id, key, seq, request_hash, upstream, operation, "
-                "stream, state, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (entry.run_id, entry.key, entry.seq, entry.request_hash, entry.upstream,
-                 entry.operation, int(entry.stream), State.STARTED.value, entry.started_at),
-            )  # fmt: skip
-            return None
-
-        result: Entry | None = await self._submit(apply, durable=durable)
+        result: Entry | None = await self._submit_plan(self._begin(entry), durable=durable)
         return result
 
-    def _next_seq(self, conn: sqlite3.Connection, run_id: str, now: float) -> int:
-        self._dirty_entries.add(run_id)
-        conn.execute(
-            "INSERT INTO runs (run_id, created_at, updated_at, calls) VALUES (?, ?, ?, 1) "
-            "ON CONFLICT (run_id) DO UPDATE SET calls = calls + 1, "
-            "updated_at = excluded.updated_at",
-            (run_id, now, now),
-        )
-        row = conn.execute("SELECT calls FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    def _begin(self, entry: Entry) -> Plan[Entry | None]:
+        """One writer: a read decides whether the key is new."""
+        existing = yield from self.queries.get(entry.run_id, entry.key)
+        if existing is not None:
+            return existing
+        e = entry
+        e.seq = yield from self._next_seq(e.run_id, e.started_at)
+        yield Statement(INSERT_STARTED, (e.run_id, e.key, e.seq, e.request_hash, e.upstream,
+                                         e.operation, e.stream, e.started_at))  # fmt: skip
+        return None
+
+    def _next_seq(self, run_id: str, now: float) -> Plan[int]:
+        self.queries.touched.entries.add(run_id)
+        row = yield Statement(NEXT_SEQ, (run_id, now, now), "one")
         return int(row[0])
 
-    async def restart(self, entry: Entry, *, durable: bool) -> None:
-        def apply(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE entries SET state = ?, request_hash = ?, started_at = ?, "
-                "completed_at = NULL, payload = NULL, error = NULL, too_large = 0 "
-                "WHERE run_id = ? AND key = ?",
-                (State.STARTED.value, entry.request_hash, entry.started_at, entry.run_id,
-                 entry.key),
-            )  # fmt: skip
-
-        await self._submit(apply, durable=durable)
+    async def restart(self, entry: Entry, *, durable: bool) -> bool:
+        won: bool = await self._submit_plan(self.queries.restart(entry), durable=durable)
+        return won
 
     async def complete(self, entry: Entry, completion: Completion) -> None:
         """Write the outcome into the entry, inserting it if it was never begun here."""
         self.keys.add(entry.run_id, entry.key)
-        now = time.time()
+        await self._submit_plan(self._complete(entry, completion, time.time()))
 
-        def apply(conn: sqlite3.Connection) -> None:
-            c, e = completion, entry
-            values = (c.state.value, now, c.answered_by, c.upstream_status, c.attempts,
-                      c.input_tokens, c.output_tokens, c.payload, int(c.too_large),
-                      _error_json(c.error))  # fmt: skip
-            updated = conn.execute(
-                "UPDATE entries SET state = ?, completed_at = ?, answered_by = ?, "
-                "upstream_status = ?, attempts = ?, input_tokens = ?, output_tokens = ?, "
-                "payload = ?, too_large = ?, error = ?, started_at = ? "
-                "WHERE run_id = ? AND key = ?",
-                (*values, e.started_at, e.run_id, e.key),
-            ).rowcount
-            if not updated:
-                seq = self._next_seq(conn, e.run_id, now)
-                conn.execute(
-                    f"INSERT INTO entries ({ENTRY_COLUMNS}) VALUES "
-                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
-                    (e.run_id, e.key, seq, e.request_hash, e.upstream, e.operation,
-                     int(e.stream), c.state.value, e.started_at, now, *values[2:]),
-                )  # fmt: skip
-            conn.execute("UPDATE runs SET updated_at = ? WHERE run_id = ?", (now, e.run_id))
-            self._dirty_entries.add(e.run_id)  # an entry no longer in doubt may be pruned
-
-        await self._submit(apply)
+    def _complete(self, e: Entry, c: Completion, now: float) -> Plan[None]:
+        values = (c.state.value, now, c.answered_by, c.upstream_status, c.attempts,
+                  c.input_tokens, c.output_tokens, c.payload, c.too_large,
+                  error_json(c.error))  # fmt: skip
+        updated = yield Statement(COMPLETE, (*values, e.started_at, e.run_id, e.key))
+        if not updated:
+            seq = yield from self._next_seq(e.run_id, now)
+            yield Statement(INSERT_DONE, (e.run_id, e.key, seq, e.request_hash, e.upstream,
+                                          e.operation, e.stream, c.state.value, e.started_at,
+                                          now, *values[2:]))  # fmt: skip
+        yield Statement("UPDATE runs SET updated_at = ? WHERE run_id = ?", (now, e.run_id))
+        self.queries.touched.entries.add(e.run_id)  # an entry no longer in doubt may go
 
     async def forget(self, run_id: str, key: str, *, started_at: float | None = None) -> None:
-        def apply(conn: sqlite3.Connection) -> None:
-            query = "DELETE FROM entries WHERE run_id = ? AND key = ? AND state = ?"
-            args: tuple[Any, ...] = (run_id, key, State.STARTED.value)
-            if started_at is not None:
-                query, args = query + " AND started_at = ?", (*args, started_at)
-            conn.execute(query, args)
-
-        await self._submit(apply, durable=False)
+        await self._submit_plan(self.queries.forget(run_id, key, started_at), durable=False)
 
     async def delete(self, run_id: str, key: str) -> None:
-        def apply(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM entries WHERE run_id = ? AND key = ?", (run_id, key))
-
-        await self._submit(apply)
+        await self._submit_plan(self.queries.delete(run_id, key))
 
     async def count_replay(self, run_id: str, key: str) -> None:
-        def apply(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE entries SET replays = replays + 1 WHERE run_id = ? AND key = ?",
-                (run_id, key),
-            )
-
-        await self._submit(apply, durable=False)
+        await self._submit_plan(self.queries.count_replay(run_id, key), durable=False)
 
     async def get(self, run_id: str, key: str) -> Entry | None:
-        def apply(conn: sqlite3.Connection) -> Entry | None:
-            row = conn.execute(
-                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE run_id = ? AND key = ?",
-                (run_id, key),
-            ).fetchone()
-            return None if row is None else _entry(row)
-
-        result: Entry | None = await self._submit(apply, durable=False)
+        result: Entry | None = await self._submit_plan(self.queries.get(run_id, key), durable=False)
         return result
 
     async def entries(self, run_id: str) -> list[Entry]:
-        def apply(conn: sqlite3.Connection) -> list[Entry]:
-            rows = conn.execute(
-                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE run_id = ? ORDER BY seq", (run_id,)
-            ).fetchall()
-            return [_entry(row) for row in rows]
-
-        result: list[Entry] = await self._submit(apply, durable=False)
+        result: list[Entry] = await self._submit_plan(self.queries.entries(run_id), durable=False)
         return result
 
     async def count_started(self, excluding: Iterable[tuple[str, str]] = ()) -> int:
         """Entries begun and not completed (STARTED), except those of the `(run_id, key)`
         pairs in `excluding` (the calls executing now): the entries in doubt."""
-        running = list(excluding)
-
-        def apply(conn: sqlite3.Connection) -> int:
-            # No index on state: a scan of the table, once per retention pass.
-            row = conn.execute("SELECT COUNT(*) FROM entries WHERE state = 'started'").fetchone()
-            count = int(row[0])
-            for run_id, key in running:
-                count -= conn.execute(
-                    "SELECT COUNT(*) FROM entries WHERE run_id = ? AND key = ? AND state = ?",
-                    (run_id, key, State.STARTED.value),
-                ).fetchone()[0]
-            return max(count, 0)
-
-        result: int = await self._submit(apply, durable=False)
+        plan = self.queries.count_started(list(excluding))
+        result: int = await self._submit_plan(plan, durable=False)
         return result
 
     # -- checkpoints and runs ------------------------------------------------------------
 
     async def save_checkpoint(self, checkpoint: Checkpoint) -> None:
-        def apply(conn: sqlite3.Connection) -> None:
-            cp = checkpoint
-            self._dirty_checkpoints.add(cp.run_id)
-            conn.execute(
-                "INSERT OR REPLACE INTO checkpoints (run_id, step, state, metadata, saved_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (cp.run_id, cp.step, cp.state, orjson.dumps(cp.metadata).decode(), cp.saved_at),
-            )
-            conn.execute(
-                "INSERT INTO runs (run_id, created_at, updated_at, latest_step) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
-                "updated_at = excluded.updated_at, "
-                "latest_step = MAX(latest_step, excluded.latest_step)",
-                (cp.run_id, cp.saved_at, cp.saved_at, cp.step),
-            )
-
-        await self._submit(apply)
+        await self._submit_plan(self.queries.save_checkpoint(checkpoint))
 
     async def load_checkpoint(self, run_id: str, step: int | None) -> Checkpoint | None:
-        def apply(conn: sqlite3.Connection) -> Checkpoint | None:
-            query = (
-                "SELECT run_id, step, state, metadata, saved_at FROM checkpoints WHERE run_id = ?"
-            )
-            if step is None:
-                row = conn.execute(query + " ORDER BY step DESC LIMIT 1", (run_id,)).fetchone()
-            else:
-                row = conn.execute(query + " AND step = ?", (run_id, step)).fetchone()
-            if row is None:
-                return None
-            return Checkpoint(row[0], row[1], row[2], orjson.loads(row[3]), row[4])
-
-        result: Checkpoint | None = await self._submit(apply, durable=False)
+        plan = self.queries.load_checkpoint(run_id, step)
+        result: Checkpoint | None = await self._submit_plan(plan, durable=False)
         return result
 
-    def _summaries(
-        self, conn: sqlite3.Connection, where: str, args: tuple[Any, ...]
-    ) -> list[RunSummary]:
-        rows = conn.execute(
-            "SELECT r.run_id, r.created_at, r.updated_at, r.calls, r.latest_step, "
-            "(SELECT COUNT(*) FROM entries e WHERE e.run_id = r.run_id AND e.state = 'started') "
-            f"FROM runs r {where}",
-            args,
-        ).fetchall()
-        return [RunSummary(*row) for row in rows]
-
     async def runs(self, limit: int, after: str) -> list[RunSummary]:
-        def apply(conn: sqlite3.Connection) -> list[RunSummary]:
-            return self._summaries(
-                conn, "WHERE r.run_id > ? ORDER BY r.run_id LIMIT ?", (after, limit)
-            )
-
-        result: list[RunSummary] = await self._submit(apply, durable=False)
+        plan = self.queries.runs(limit, after)
+        result: list[RunSummary] = await self._submit_plan(plan, durable=False)
         return result
 
     async def run(self, run_id: str) -> RunSummary | None:
-        def apply(conn: sqlite3.Connection) -> list[RunSummary]:
-            return self._summaries(conn, "WHERE r.run_id = ?", (run_id,))
-
-        found: list[RunSummary] = await self._submit(apply, durable=False)
-        return found[0] if found else None
+        result: RunSummary | None = await self._submit_plan(self.queries.run(run_id), durable=False)
+        return result
 
     # -- retention -----------------------------------------------------------------------
 
     async def expire(self, now: float) -> Retention:
-        rules = self.config.retention
-        cutoff = now - rules.max_age_s
-
-        def apply(conn: sqlite3.Connection) -> Retention:
-            removed = Retention()
-            removed.entries = conn.execute(
-                "DELETE FROM entries WHERE started_at < ? AND state != 'started'", (cutoff,)
-            ).rowcount
-            removed.checkpoints = conn.execute(
-                "DELETE FROM checkpoints WHERE saved_at < ?", (cutoff,)
-            ).rowcount
-            try:
-                self._prune_runs(conn, removed)
-            except BaseException:
-                self._dirty_all = True
-                raise
-            removed.runs = conn.execute(
-                "DELETE FROM runs WHERE updated_at < ? "
-                "AND NOT EXISTS (SELECT 1 FROM entries e WHERE e.run_id = runs.run_id) "
-                "AND NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.run_id = runs.run_id)",
-                (cutoff,),
-            ).rowcount
-            return removed
-
-        result: Retention = await self._submit(apply)
+        """One pass of `Queries.expire`, then the WAL folded back into the file."""
+        plan = self.queries.expire(self.config.retention, now)
+        result: Retention = await self._submit_plan(plan)
+        self.queries.touched.committed()
         await self._submit(self._fold_wal, standalone=True)
         return result
-
-    def _prune_runs(self, conn: sqlite3.Connection, removed: Retention) -> None:
-        """The per-run counts: keep the newest `max_entries_per_run` entries of each run (by
-        seq; an entry in doubt is never removed) and its newest `max_checkpoints_per_run`
-        checkpoints (by step).
-
-        No table is scanned: only the runs written since the last pass are looked at (all
-        of them on the first pass after opening), and a run's entries only when it may be
-        over the limit (`runs.calls` counts every entry the run ever had). A run looked at
-        costs an index walk of at most the limit.
-        """
-        rules = self.config.retention
-        if self._dirty_all:
-            entries = checkpoints = {
-                run_id for (run_id,) in conn.execute("SELECT run_id FROM runs")
-            }
-        else:
-            entries, checkpoints = self._dirty_entries, self._dirty_checkpoints
-        self._dirty_entries, self._dirty_checkpoints, self._dirty_all = set(), set(), False
-        for run_id in entries:
-            row = conn.execute("SELECT calls FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-            if row is not None and row[0] > rules.max_entries_per_run:
-                removed.entries += self._prune(
-                    conn, "entries", "seq", run_id, rules.max_entries_per_run,
-                    " AND state != 'started'",
-                )  # fmt: skip
-        for run_id in checkpoints:
-            removed.checkpoints += self._prune(
-                conn, "checkpoints", "step", run_id, rules.max_checkpoints_per_run
-            )
-
-    @staticmethod
-    def _prune(
-        conn: sqlite3.Connection, table: str, order: str, run_id: str, keep: int, spare: str = ""
-    ) -> int:
-        """Delete the rows of `run_id` in `table` older (by `order`) than its newest `keep`,
-        except those `spare` (an SQL condition) protects."""
-        oldest_kept = conn.execute(
-            f"SELECT {order} FROM {table} WHERE run_id = ? ORDER BY {order} DESC LIMIT 1 OFFSET ?",
-            (run_id, keep - 1),
-        ).fetchone()
-        if oldest_kept is None:
-            return 0
-        deleted: int = conn.execute(
-            f"DELETE FROM {table} WHERE run_id = ? AND {order} < ?{spare}",
-            (run_id, oldest_kept[0]),
-        ).rowcount
-        return deleted
 
     @staticmethod
     def _fold_wal(conn: sqlite3.Connection) -> None:
