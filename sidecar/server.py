@@ -29,8 +29,8 @@ from grpc_reflection.v1alpha import reflection
 from sidecar.config import Config, resolve_secret, split_host_port
 from sidecar.http.front import HttpFront
 from sidecar.interceptors import GuardInterceptor
+from sidecar.journal.base import build_store, count_store_events
 from sidecar.journal.recorder import Recorder
-from sidecar.journal.sqlite import SQLiteJournal
 from sidecar.service import SidecarService
 from sidecar.state.health import StoreMetrics
 from sidecar.telemetry.endpoint import MetricsEndpoint
@@ -126,6 +126,8 @@ class SidecarServer:
         rules = self.service.config.journal.retention
         while True:
             await asyncio.sleep(rules.interval_s)
+            if not recorder.store.available:
+                continue  # the store's incident, logged once by the store
             try:
                 removed = await recorder.store.expire(time.time())
             except Exception:
@@ -140,7 +142,7 @@ class SidecarServer:
         """Set tether_journal_in_doubt_entries: entries begun and never completed, except
         those of the calls executing in this process now."""
         count_started = getattr(recorder.store, "count_started", None)
-        if count_started is None:  # a store without the query: the gauge stays at 0
+        if count_started is None or not recorder.store.available:  # no query, or an incident
             return
         try:
             count = await count_started(list(recorder._running))
@@ -318,7 +320,7 @@ def build_recorder(config: Config) -> Recorder | None:
     """The journal named by `journal.backend` (opened when the server starts), or None."""
     if not config.journal.enabled:
         return None
-    return Recorder(SQLiteJournal(config.journal), config.journal)
+    return Recorder(build_store(config.journal), config.journal)
 
 
 async def create_server(config: Config) -> tuple[SidecarServer, int]:
@@ -336,6 +338,7 @@ async def create_server(config: Config) -> tuple[SidecarServer, int]:
     recorder = build_recorder(config)
     if recorder is not None:
         recorder.store.observe_commit = telemetry.journal_commit
+        recorder.store.observe_store = count_store_events(telemetry.metrics)
     service = SidecarService(config, upstreams, recorder=recorder, telemetry=telemetry)
     if service.pipeline.state is not None:
         service.pipeline.state.health.observe(StoreMetrics(telemetry.metrics))
@@ -346,9 +349,11 @@ async def create_server(config: Config) -> tuple[SidecarServer, int]:
     reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
     sidecar = SidecarServer(server, service, guard, health, upstreams, config.shutdown.grace_s)
     if config.listen.metrics:
-        sidecar.metrics_endpoint = MetricsEndpoint(
-            config.listen.metrics, telemetry.metrics, lambda: service.serving
-        )
+
+        def ready() -> bool:  # serving, and the journal (if any) answers
+            return service.serving and (recorder is None or recorder.store.available)
+
+        sidecar.metrics_endpoint = MetricsEndpoint(config.listen.metrics, telemetry.metrics, ready)
     if config.listen.http:
         sidecar.http_front = HttpFront(config.listen.http, service, token)
     try:

@@ -7,8 +7,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.postgres_support import JournalBackend
 
 REQUIRE_SERVICES = os.environ.get("TETHER_REQUIRE_SERVICES") == "1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,3 +42,14 @@ def short_tmp() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="tt-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def journal_backend(request: pytest.FixtureRequest) -> Iterator[JournalBackend]:
+    """The journal store a journal test runs on: SQLite, then PostgreSQL on a schema of the
+    test's own (skipped without PostgreSQL, unless TETHER_REQUIRE_SERVICES=1). Pin one with
+    `@pytest.mark.parametrize("journal_backend", ["sqlite"], indirect=True)`."""
+    from tests.postgres_support import journal_backend as backend
+
+    with backend(request.param) as chosen:
+        yield chosen

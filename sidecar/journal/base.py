@@ -13,9 +13,15 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sidecar.errors import JournalUnavailableError
+
+if TYPE_CHECKING:
+    from sidecar.config import JournalConfig
+    from sidecar.telemetry.metrics import Metrics
+
+STORE_LABEL = "journal"  # the `store` label of the tether_store_* metrics
 
 
 class State(enum.StrEnum):
@@ -122,9 +128,9 @@ class JournalStore(Protocol):
 
     # Told how long each commit took, and whether it had durable writes (metrics).
     observe_commit: Callable[[float, bool], None] | None
-    # Told of the store's events (metrics): "up" (it answers: opened, or back after an
-    # incident), "down" (an incident began: unreachable or too slow), "error" (an
-    # operation failed), "refused" (refused at once during an incident).
+    # Told of the store's events (metrics, `count_store_events`): "up" (it answers:
+    # opened, or back after an incident), "down" (an incident began: unreachable or too
+    # slow), "error" (an operation failed), "refused" (refused at once during an incident).
     observe_store: Callable[[str], None] | None
 
     @property
@@ -189,3 +195,36 @@ class JournalStore(Protocol):
     async def expire(self, now: float) -> Retention:
         """Apply the retention rules once."""
         ...
+
+
+def build_store(config: JournalConfig) -> JournalStore:
+    """The store `journal.backend` names (not opened)."""
+    if config.backend == "postgres":
+        from sidecar.journal.postgres import PostgresJournal
+
+        return PostgresJournal(config)
+    from sidecar.journal.sqlite import SQLiteJournal
+
+    return SQLiteJournal(config)
+
+
+def count_store_events(metrics: Metrics) -> Callable[[str], None]:
+    """A store's `observe_store`, counting into the tether_store_* metrics (store="journal",
+    policy="journal": the metrics the shared state store reports into too)."""
+    errors = metrics.store_errors.labels(STORE_LABEL, "", STORE_LABEL)
+    refused = metrics.store_fallbacks.labels(STORE_LABEL, "", STORE_LABEL)
+    up = metrics.store_up.labels(STORE_LABEL)
+    incidents = metrics.store_incidents.labels(STORE_LABEL)
+
+    def observe(event: str) -> None:
+        if event == "error":
+            errors.inc()
+        elif event == "refused":
+            refused.inc()
+        elif event == "down":
+            up.set(0)
+            incidents.inc()
+        elif event == "up":
+            up.set(1)
+
+    return observe

@@ -1,4 +1,6 @@
-"""The journal with real sidecar processes and real SQLite files: replay, crashes, retention."""
+"""The journal with real sidecar processes, on real SQLite files and on a real PostgreSQL
+schema (every test runs on both): replay, crashes, retention; and sidecars sharing one
+PostgreSQL journal."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ import asyncio
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from tests.conftest import ROOT
 from tests.e2e.processes import start_sidecar, stop, write_config
 from tests.e2e.tools import ToolServer
 from tests.integration.support import LoopThread
+from tests.postgres_support import JournalBackend
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -50,10 +52,14 @@ def upstreams(tools: ToolServer) -> dict[str, Any]:
 
 
 class Sidecar:
-    """A sidecar process on a fixed config and journal file, restartable."""
+    """A sidecar process on a fixed config and journal, restartable."""
 
-    def __init__(self, directory: Path, tools: ToolServer, **extra: Any) -> None:
+    def __init__(
+        self, directory: Path, tools: ToolServer, backend: JournalBackend, **extra: Any
+    ) -> None:
+        extra["journal"] = {**backend.config, **extra.get("journal", {})}
         self.config, self.address = write_config(directory, upstreams(tools), **extra)
+        self.backend = backend
         self.journal = directory / "journal.db"
         self.log = directory / "sidecar.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -71,10 +77,23 @@ class Sidecar:
         if self.proc is not None and self.proc.poll() is None:
             assert stop(self.proc) == 0
 
+    def journaled(self, run_id: str) -> dict[str, str]:
+        """The run's keys and their states, read from the store (the file checked intact)."""
+        return self.backend.states(run_id, self.journal)
+
+    def footprint(self) -> tuple[int, int]:
+        """What retention bounds: the file and its WAL (SQLite), or the entries (PostgreSQL)."""
+        if self.backend.schema is not None:
+            return int(self.backend.schema.query("SELECT count(*) FROM tether_entries")[0][0]), 0
+        wal = self.journal.with_name(self.journal.name + "-wal")
+        return self.journal.stat().st_size, wal.stat().st_size if wal.exists() else 0
+
 
 @pytest.fixture
-def sidecar(short_tmp: Path, tools: ToolServer) -> Iterator[Sidecar]:
-    process = Sidecar(short_tmp, tools).start()
+def sidecar(
+    short_tmp: Path, tools: ToolServer, journal_backend: JournalBackend
+) -> Iterator[Sidecar]:
+    process = Sidecar(short_tmp, tools, journal_backend).start()
     yield process
     process.stop()
 
@@ -131,13 +150,6 @@ def _load(address: str, run_id: str, keys: list[str], acked: set[str], stop_at: 
             acked.add(key)
 
 
-def _journaled(journal: Path, run_id: str) -> dict[str, str]:
-    with sqlite3.connect(journal) as db:
-        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        rows = db.execute("SELECT key, state FROM entries WHERE run_id = ?", (run_id,))
-        return dict(rows.fetchall())
-
-
 def test_sidecar_sigkill_under_load_loses_nothing(sidecar: Sidecar, tools: ToolServer) -> None:
     """1,000 calls from 16 callers, sidecar SIGKILLed at a random moment, 10 times: every
     acknowledged call is journaled, the file is intact, no tool call runs twice for a key."""
@@ -159,7 +171,7 @@ def test_sidecar_sigkill_under_load_loses_nothing(sidecar: Sidecar, tools: ToolS
         for thread in threads:
             thread.join(60)
         sidecar.start()
-        journaled = _journaled(sidecar.journal, run_id)
+        journaled = sidecar.journaled(run_id)
         assert all(journaled.get(key) == "done" for key in acked), round_
         _load(sidecar.address, run_id, keys, set(), time.monotonic() + 60)  # the run again
         assert not tools.twice(), (round_, tools.twice()[:5])
@@ -232,17 +244,13 @@ def test_in_doubt_tool_call_is_refused_until_resolved(
     assert tools.executions == {"a": 1, "b": 2}
 
 
-def _sizes(journal: Path) -> tuple[int, int]:
-    """The sizes of the journal's file and of its write-ahead log (0 when absent)."""
-    wal = journal.with_name(journal.name + "-wal")
-    return journal.stat().st_size, wal.stat().st_size if wal.exists() else 0
-
-
-def test_retention_bounds_the_file(short_tmp: Path, tools: ToolServer) -> None:
-    """Old runs expire and the file stops growing under a steady load."""
+def test_retention_bounds_the_journal(
+    short_tmp: Path, tools: ToolServer, journal_backend: JournalBackend
+) -> None:
+    """Old runs expire and the journal stops growing under a steady load (SQLite: the file;
+    PostgreSQL: the entries)."""
     retention = {"max_age_s": 1.0, "interval_s": 0.2, "max_entries_per_run": 30}
-    sidecar = Sidecar(short_tmp, tools, journal={"path": str(short_tmp / "journal.db"),
-                                                 "retention": retention}).start()  # fmt: skip
+    sidecar = Sidecar(short_tmp, tools, journal_backend, journal={"retention": retention}).start()
     payload = {"model": "m", "messages": [{"role": "user", "content": "x" * 2000}]}
     sizes = []
     try:
@@ -253,7 +261,7 @@ def test_retention_bounds_the_file(short_tmp: Path, tools: ToolServer) -> None:
                 client.model("llm", payload, run_id=f"ret-{n // 20:04d}", idempotency_key=str(n))
                 n += 1
                 if n % 100 == 0:
-                    sizes.append(_sizes(sidecar.journal))
+                    sizes.append(sidecar.footprint())
             runs = [r.run_id for r in client.runs()]
             for i in range(60):
                 client.model("llm", payload, run_id="long", idempotency_key=f"l{i}")
@@ -263,8 +271,9 @@ def test_retention_bounds_the_file(short_tmp: Path, tools: ToolServer) -> None:
         sidecar.stop()
     assert "ret-0000" not in runs and len(runs) < n // 20
     assert len(kept) == 30 and kept[-1].key == "l59"
-    # The file reuses the space retention frees: it stops growing. The WAL goes up and down
-    # with each fold (a single sample of it says little), but stays bounded.
+    # The file reuses the space retention frees (PostgreSQL: the entries stay about one
+    # max_age of calls): it stops growing. The WAL goes up and down with each fold (a
+    # single sample of it says little), but stays bounded.
     files = [file for file, _wal in sizes]
     assert files[-1] <= files[len(files) // 2] * 1.3, sizes
     assert max(wal for _file, wal in sizes) < 16 << 20, sizes

@@ -1,15 +1,18 @@
-"""Journal semantics through a real sidecar and a real SQLite file: streams, errors, guards."""
+"""Journal semantics through a real sidecar, on a real SQLite file and on a real PostgreSQL
+schema (each test that starts a sidecar runs on both): streams, errors, guards."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import psycopg
 import pytest
 
 import tether
@@ -18,10 +21,56 @@ from sidecar.errors import JournalUnavailableError
 from sidecar.journal.base import Completion, Entry, State
 from sidecar.journal.recorder import Recorder
 from sidecar.journal.sqlite import SQLiteJournal, _Op
+from sidecar.server import SidecarServer
 from tests.integration.conftest import SidecarFactory
 from tests.integration.faults import FaultServer
+from tests.postgres_support import JournalBackend
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
+T = TypeVar("T")
+
+
+@pytest.fixture
+def make_sidecar(make_sidecar: SidecarFactory, journal_backend: JournalBackend) -> SidecarFactory:
+    """Sidecars whose journal is on the backend under test."""
+
+    def make(upstreams: dict[str, Any], **extra: Any) -> SidecarServer:
+        extra["journal"] = {**journal_backend.config, **extra.get("journal", {})}
+        return make_sidecar(upstreams, **extra)
+
+    return make
+
+
+@contextlib.contextmanager
+def store_locked(server: SidecarServer, backend: JournalBackend) -> Iterator[None]:
+    """Another client holds the journal: SQLite's write lock, or PostgreSQL's tables."""
+    if backend.schema is None:
+        other = sqlite3.connect(server.service.config.journal.path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        return
+    with psycopg.connect(backend.schema.dsn) as conn:
+        conn.execute("LOCK TABLE tether_entries, tether_runs IN ACCESS EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            conn.rollback()
+
+
+def eventually(call: Callable[[], T], within_s: float = 5.0) -> T:
+    """`call()` once the journal answers again (a store's incident ends within a probe)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return call()
+        except tether.JournalUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def mock(**extra: Any) -> dict[str, Any]:
@@ -86,8 +135,6 @@ def test_too_large_answer_is_returned_not_kept(make_sidecar: SidecarFactory) -> 
     """An answer over max_entry_bytes is returned, counted, and re-executed on replay
     (the model upstream is idempotent)."""
     server = make_sidecar({"m": mock()}, journal={"max_entry_bytes": 100})
-    path = server.service.config.journal.path
-    assert path.endswith(".journal.db")
     with tether.Client(server.addresses[0]) as client:
         first = client.model("m", CHAT, run_id="big", idempotency_key="k")
         second = client.model("m", CHAT, run_id="big", idempotency_key="k")
@@ -335,19 +382,18 @@ def test_resolve_refuses_calls_not_in_doubt(make_sidecar: SidecarFactory) -> Non
 # -- the writer thread -------------------------------------------------------------------
 
 
-def test_a_failed_commit_answers_every_caller(
-    make_sidecar: SidecarFactory, monkeypatch: pytest.MonkeyPatch
+def test_a_locked_store_answers_every_caller(
+    make_sidecar: SidecarFactory, journal_backend: JournalBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """While another process holds the write lock past busy_timeout, every journal operation
-    fails promptly (reads included), and once the lock is free the same keys work."""
+    """While another client holds the journal (SQLite's write lock past busy_timeout, or
+    PostgreSQL's tables past store_timeout_s), every journal operation fails promptly with
+    UNAVAILABLE (reads included), and once it is free the same keys work."""
     monkeypatch.setattr(SQLiteJournal, "busy_timeout_ms", 100)
-    server = make_sidecar({"m": mock(), "t": {"kind": "tool", "type": "mock"}})
-    path = server.service.config.journal.path
+    upstreams = {"m": mock(), "t": {"kind": "tool", "type": "mock"}}
+    server = make_sidecar(upstreams, journal={"store_timeout_s": 0.3})
     with tether.Client(server.addresses[0], timeout_s=5) as client:
         first = client.model("m", CHAT, run_id="w", idempotency_key="k")
-        other = sqlite3.connect(path, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        try:
+        with store_locked(server, journal_backend):
             for call in (
                 lambda: client.model("m", CHAT, run_id="w", idempotency_key="k"),
                 lambda: client.journal("w"),
@@ -357,10 +403,7 @@ def test_a_failed_commit_answers_every_caller(
                 with pytest.raises(tether.JournalUnavailableError):
                     call()
                 assert time.monotonic() - started < 2
-        finally:
-            other.execute("ROLLBACK")
-            other.close()
-        again = client.model("m", CHAT, run_id="w", idempotency_key="k")
+        again = eventually(lambda: client.model("m", CHAT, run_id="w", idempotency_key="k"))
         tool = client.tool("t", {}, run_id="w", idempotency_key="t")
     assert again.replayed and again.payload == first.payload and not tool.replayed
 
@@ -395,21 +438,17 @@ async def test_operations_after_close_are_refused(short_tmp: Path) -> None:
         await recorder._io(store.get("r", "k"))
 
 
-def test_call_cancelled_while_beginning_leaves_no_mark(make_sidecar: SidecarFactory) -> None:
-    """A call whose deadline ends while its STARTED mark waits for the writer never reached
+def test_call_cancelled_while_beginning_leaves_no_mark(
+    make_sidecar: SidecarFactory, journal_backend: JournalBackend
+) -> None:
+    """A call whose deadline ends while its STARTED mark waits for the store never reached
     the upstream: the mark is removed, and the key runs later (no false 'outcome unknown')."""
     server = make_sidecar({"t": {"kind": "tool", "type": "mock"}})
-    path = server.service.config.journal.path
     with tether.Client(server.addresses[0]) as client:
-        other = sqlite3.connect(path, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        try:
+        with store_locked(server, journal_backend):
             with pytest.raises(tether.DeadlineExceededError):
                 client.tool("t", {}, run_id="c", idempotency_key="k", timeout_s=0.3)
             time.sleep(0.2)
-        finally:
-            other.execute("ROLLBACK")
-            other.close()
         time.sleep(0.3)
         answer = client.tool("t", {}, run_id="c", idempotency_key="k", timeout_s=5)
         hits = client.status().upstreams["t"].hits
