@@ -125,7 +125,7 @@ def make_plan(
         scenarios=tuple(scenarios),
         rounds=2 if quick else 4,
         warmup_calls=100 if quick else 300,
-        round_max_s=2.0 if quick else 4.0,
+        round_max_s=2.0 if quick else 3.0,
         memory_calls=memory,
         profile_s=profile_s,
         with_litellm=with_litellm,

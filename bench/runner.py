@@ -89,7 +89,7 @@ class Runner:
                 target.call,
                 calls=warmup,
                 concurrency=scenario.concurrency,
-                max_s=plan.round_max_s / 2,
+                max_s=min(plan.round_max_s / 2, 1.5),
             )
         samples = {system: Samples() for system in targets}
         cpu = dict.fromkeys(targets, 0.0)
