@@ -123,6 +123,20 @@ class OverloadedError(PolicyError):
     """The upstream's bulkhead (in-flight and queue bounds) refused the call."""
 
 
+class StateUnavailableError(PolicyError):
+    """A policy with `on_store_error: fail_closed` refused the call: the shared state store
+    (`state.backend: redis`) is down. Nothing was sent; retry after `retry_after_s`."""
+
+    def __init__(self, message: str, *, upstream: str, store: str, policy: str,
+                 retry_after_s: float) -> None:  # fmt: skip
+        super().__init__(message, upstream=upstream, retry_after_s=retry_after_s)
+        self.store = store
+        self.policy = policy
+
+    def metadata(self) -> dict[str, str]:
+        return {**super().metadata(), "store": self.store, "policy": self.policy}
+
+
 class UpstreamError(SidecarError):
     """The upstream was called and failed."""
 

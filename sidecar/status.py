@@ -18,6 +18,7 @@ and its HTTP status), a `google.rpc.RetryInfo` when waiting would help, and a
 | CircuitOpenError               | UNAVAILABLE         | CIRCUIT_OPEN           |
 | RateLimitedError               | RESOURCE_EXHAUSTED  | RATE_LIMITED           |
 | OverloadedError                | RESOURCE_EXHAUSTED  | OVERLOADED             |
+| StateUnavailableError          | UNAVAILABLE         | STATE_UNAVAILABLE      |
 | UpstreamTimeoutError           | DEADLINE_EXCEEDED   | UPSTREAM_TIMEOUT       |
 | UpstreamUnavailableError       | UNAVAILABLE         | UPSTREAM_UNAVAILABLE   |
 | UpstreamBadResponseError       | UNAVAILABLE         | UPSTREAM_BAD_RESPONSE  |
@@ -59,6 +60,7 @@ TABLE: Final[dict[type[errors.SidecarError], tuple[grpc.StatusCode, str]]] = {
     errors.CircuitOpenError: (grpc.StatusCode.UNAVAILABLE, "CIRCUIT_OPEN"),
     errors.RateLimitedError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"),
     errors.OverloadedError: (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED"),
+    errors.StateUnavailableError: (grpc.StatusCode.UNAVAILABLE, "STATE_UNAVAILABLE"),
     errors.UpstreamTimeoutError: (grpc.StatusCode.DEADLINE_EXCEEDED, "UPSTREAM_TIMEOUT"),
     errors.UpstreamUnavailableError: (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE"),
     errors.UpstreamBadResponseError: (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE"),

@@ -54,6 +54,7 @@ TABLE: Final[dict[str, tuple[int, str, str]]] = {
     "RATE_LIMITED": (429, "rate_limit_error", "rate_limit_exceeded"),
     "OVERLOADED": (503, "server_error", "overloaded"),
     "CIRCUIT_OPEN": (503, "server_error", "circuit_open"),
+    "STATE_UNAVAILABLE": (503, "server_error", "state_unavailable"),
     "DRAINING": (503, "server_error", "draining"),
     "JOURNAL_UNAVAILABLE": (503, "server_error", "journal_unavailable"),
     "UPSTREAM_TIMEOUT": (504, "timeout_error", "upstream_timeout"),

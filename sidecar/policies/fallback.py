@@ -13,7 +13,12 @@ from sidecar import errors
 from sidecar.policies.base import Verdict, verdict_of
 from sidecar.policies.deadline import Deadline
 
-REFUSALS = (errors.CircuitOpenError, errors.RateLimitedError, errors.OverloadedError)
+REFUSALS = (
+    errors.CircuitOpenError,
+    errors.RateLimitedError,
+    errors.OverloadedError,
+    errors.StateUnavailableError,
+)
 
 
 def falls_back(exc: BaseException, deadline: Deadline) -> bool:

@@ -19,7 +19,7 @@ timeout.
 
 When the store fails, `on_store_error` decides: `fail_open` (the default) hands the
 decisions to this replica's own breaker (this class is a `Breaker`), started closed at
-each incident; `fail_closed` refuses every attempt (`StoreUnavailableError`, UNAVAILABLE).
+each incident; `fail_closed` refuses every attempt (`StateUnavailableError`, UNAVAILABLE).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ and the retry delays are those of the local limiter.
 
 When the store fails, `on_store_error` decides: `fail_open` (the default) limits the call
 locally at 1/`state.replicas` of each limit (this class is a `RateLimiter` at that share),
-`fail_closed` refuses it (`StoreUnavailableError`, UNAVAILABLE).
+`fail_closed` refuses it (`StateUnavailableError`, UNAVAILABLE).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from sidecar.errors import CircuitOpenError
+from sidecar.errors import StateUnavailableError
 from sidecar.telemetry.metrics import Metrics
 
 log = logging.getLogger("tether.sidecar.state")
@@ -59,20 +59,6 @@ class StoreMetrics:
         self._metrics.store_up.labels(store).set(1 if up else 0)
         if not up:
             self._metrics.store_incidents.labels(store).inc()
-
-
-class StoreUnavailableError(CircuitOpenError):
-    """A policy with `on_store_error: fail_closed` refused a call: the shared state store is
-    down. UNAVAILABLE (as an open breaker: wait `retry_after_s`, or fall back)."""
-
-    def __init__(self, message: str, *, upstream: str, store: str, policy: str,
-                 retry_after_s: float) -> None:  # fmt: skip
-        super().__init__(message, upstream=upstream, retry_after_s=retry_after_s)
-        self.store = store
-        self.policy = policy
-
-    def metadata(self) -> dict[str, str]:
-        return {**super().metadata(), "store": self.store, "policy": self.policy}
 
 
 class StoreHealth:
@@ -129,10 +115,10 @@ class StoreHealth:
         self._fallbacks += 1
         self.observer.store_fallback(self.name, upstream, policy)
 
-    def unavailable(self, upstream: str, policy: str) -> StoreUnavailableError:
+    def unavailable(self, upstream: str, policy: str) -> StateUnavailableError:
         """The refusal of a `fail_closed` policy while the store is down."""
         self.fell_back(upstream, policy)
-        return StoreUnavailableError(
+        return StateUnavailableError(
             f"the shared state store {self.where} is unavailable and the {policy.replace('_', ' ')}"
             f" of upstream {upstream!r} fails closed (on_store_error: fail_closed)",
             upstream=upstream,

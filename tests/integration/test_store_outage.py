@@ -141,7 +141,7 @@ def test_store_killed_and_restarted_under_load(
         burst(client, "open", 30, rate=20)  # the shared bucket: 20 at once, then 20/s
         redis_process.stop()
         burst(client, "open", 30, rate=10)  # the local share: 1/2 of it
-        with pytest.raises(tether.CircuitOpenError) as info:
+        with pytest.raises(tether.StateUnavailableError) as info:
             client.model("closed", CHAT)
         assert info.value.code.name == "UNAVAILABLE"
         assert "shared state store redis://127.0.0.1" in str(info.value)

@@ -16,7 +16,8 @@ The tree (the mirror of `sidecar/status.py`, matched by the ErrorInfo `reason`):
     ├── PolicyError                    the sidecar refused; the upstream was not called
     │   ├── CircuitOpenError           UNAVAILABLE          CIRCUIT_OPEN
     │   ├── RateLimitedError           RESOURCE_EXHAUSTED   RATE_LIMITED
-    │   └── OverloadedError            RESOURCE_EXHAUSTED   OVERLOADED
+    │   ├── OverloadedError            RESOURCE_EXHAUSTED   OVERLOADED
+    │   └── StateUnavailableError      UNAVAILABLE          STATE_UNAVAILABLE
     ├── UpstreamError                  the upstream was called and failed
     │   ├── UpstreamTimeoutError       DEADLINE_EXCEEDED    UPSTREAM_TIMEOUT
     │   ├── UpstreamUnavailableError   UNAVAILABLE          UPSTREAM_UNAVAILABLE
@@ -136,6 +137,11 @@ class OverloadedError(PolicyError):
     """Too many calls in flight or queued for the upstream."""
 
 
+class StateUnavailableError(PolicyError):
+    """The shared state store of a `fail_closed` policy is down; retry after
+    `retry_after_s`. `metadata` names the `store` and the `policy`."""
+
+
 class UpstreamError(TetherError):
     """The upstream was called and failed."""
 
@@ -206,6 +212,7 @@ BY_REASON: Final[dict[str, type[TetherError]]] = {
     "CIRCUIT_OPEN": CircuitOpenError,
     "RATE_LIMITED": RateLimitedError,
     "OVERLOADED": OverloadedError,
+    "STATE_UNAVAILABLE": StateUnavailableError,
     "UPSTREAM_TIMEOUT": UpstreamTimeoutError,
     "UPSTREAM_UNAVAILABLE": UpstreamUnavailableError,
     "UPSTREAM_BAD_RESPONSE": UpstreamBadResponseError,

@@ -14,12 +14,13 @@ import pytest
 
 from sidecar import errors, status
 from sidecar.config import BreakerPolicy, RateLimitPolicy, StateConfig, parse_config
+from sidecar.errors import StateUnavailableError
 from sidecar.policies.base import Outcome, Verdict
 from sidecar.policies.clock import SYSTEM_CLOCK
 from sidecar.policies.deadline import Deadline
 from sidecar.policies.shared_breaker import SharedBreaker
 from sidecar.policies.shared_ratelimit import SharedRateLimiter
-from sidecar.state.health import StoreHealth, StoreMetrics, StoreUnavailableError
+from sidecar.state.health import StoreHealth, StoreMetrics
 from sidecar.state.store import StateStore, build_state, public_address
 from sidecar.telemetry.metrics import Metrics
 
@@ -79,10 +80,10 @@ async def test_fail_closed_refuses_naming_the_store(dead_store: StateStore) -> N
     """fail_closed: the call is refused with UNAVAILABLE, the store named in the message and
     in the details, and the retry delay of the store."""
     rl = limiter(dead_store, requests_per_s=10, on_store_error="fail_closed")
-    with pytest.raises(StoreUnavailableError) as info:
+    with pytest.raises(StateUnavailableError) as info:
         await rl.admit(0, forever())
     exc = info.value
-    assert status.classify(exc) == (grpc.StatusCode.UNAVAILABLE, "CIRCUIT_OPEN")
+    assert status.classify(exc) == (grpc.StatusCode.UNAVAILABLE, "STATE_UNAVAILABLE")
     assert exc.metadata() == {"upstream": UP, "store": "redis", "policy": "rate_limit"}
     assert "redis://127.0.0.1" in exc.message and "fails closed" in exc.message
     assert exc.retry_after_s == 30
@@ -102,7 +103,7 @@ async def test_breaker_fails_open_to_a_fresh_local_breaker(dead_store: StateStor
         local.admit()
     strict = BreakerPolicy(on_store_error="fail_closed")
     closed = SharedBreaker("other", strict, SYSTEM_CLOCK, dead_store, attempt_timeout_s=1)
-    with pytest.raises(StoreUnavailableError):
+    with pytest.raises(StateUnavailableError):
         closed.admit()
     assert closed.refuses()
 
