@@ -10,12 +10,16 @@ Migrations are append-only: a released one is never edited; a change is a new nu
 The tables mirror the SQLite journal's (`sidecar.journal.sqlite`), named `tether_*`, and
 claiming a key and writing an outcome are functions, so each is one round trip:
 
-- `tether_journal_begin(...)` inserts the STARTED mark with `INSERT ... ON CONFLICT DO
-  NOTHING` (of concurrent callers, one inserts; the others wait for it to commit, then get
-  its row) and gives the new entry the run's next seq; it returns the existing entry, or no
-  row when this call inserted it.
+- `tether_journal_begin(...)` returns the key's entry if it has one; else it inserts the
+  STARTED mark, numbered with the run's next seq, by `INSERT ... ON CONFLICT DO NOTHING`:
+  of concurrent callers (several sidecars) one inserts, the others wait for it to commit
+  and get its entry. It returns no row when this call inserted the mark.
 - `tether_journal_complete(...)` writes an outcome into the entry, inserting it (with the
   next seq) if it was never begun.
+
+A writer that loses the race gives its seq back (its sub-block is rolled back), so
+`tether_runs.calls` counts exactly the entries a run ever had. Each function's plans are
+kept per connection (plpgsql); the row is written once, with its seq.
 """
 
 from __future__ import annotations
@@ -91,29 +95,40 @@ CREATE TABLE tether_checkpoints (
 CREATE INDEX tether_checkpoints_by_age ON tether_checkpoints (saved_at);
 
 CREATE FUNCTION tether_journal_next_seq(p_run_id text, p_now double precision)
-RETURNS bigint LANGUAGE sql AS $$
+RETURNS bigint LANGUAGE plpgsql AS $$  -- plpgsql: its plan is kept, a SQL function's is not
+DECLARE
+    v_seq bigint;
+BEGIN
     INSERT INTO tether_runs AS r (run_id, created_at, updated_at, calls)
     VALUES (p_run_id, p_now, p_now, 1)
     ON CONFLICT (run_id) DO UPDATE SET calls = r.calls + 1, updated_at = excluded.updated_at
-    RETURNING calls
-$$;
+    RETURNING calls INTO v_seq;
+    RETURN v_seq;
+END $$;
 
 CREATE FUNCTION tether_journal_begin(
     p_run_id text, p_key text, p_request_hash text, p_upstream text, p_operation text,
     p_stream boolean, p_started_at double precision
 ) RETURNS SETOF tether_entries LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO tether_entries (run_id, key, seq, request_hash, upstream, operation, stream,
-                                state, started_at)
-    VALUES (p_run_id, p_key, 0, p_request_hash, p_upstream, p_operation, p_stream, 'started',
-            p_started_at)
-    ON CONFLICT (run_id, key) DO NOTHING;
+    RETURN QUERY SELECT * FROM tether_entries WHERE run_id = p_run_id AND key = p_key;
     IF FOUND THEN
-        UPDATE tether_entries SET seq = tether_journal_next_seq(p_run_id, p_started_at)
-        WHERE run_id = p_run_id AND key = p_key;
-    ELSE
-        RETURN QUERY SELECT * FROM tether_entries WHERE run_id = p_run_id AND key = p_key;
+        RETURN;  -- journaled already: its entry
     END IF;
+    BEGIN
+        INSERT INTO tether_entries (run_id, key, seq, request_hash, upstream, operation,
+                                    stream, state, started_at)
+        VALUES (p_run_id, p_key, tether_journal_next_seq(p_run_id, p_started_at),
+                p_request_hash, p_upstream, p_operation, p_stream, 'started', p_started_at)
+        ON CONFLICT (run_id, key) DO NOTHING;
+        IF FOUND THEN
+            RETURN;  -- this call's: no row
+        END IF;
+        RAISE SQLSTATE 'TT001';  -- another writer inserted it first: undo our seq
+    EXCEPTION WHEN SQLSTATE 'TT001' THEN
+        NULL;
+    END;
+    RETURN QUERY SELECT * FROM tether_entries WHERE run_id = p_run_id AND key = p_key;
 END $$;
 
 CREATE FUNCTION tether_journal_complete(
@@ -124,7 +139,7 @@ CREATE FUNCTION tether_journal_complete(
     p_too_large boolean, p_error text
 ) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
-    LOOP  -- until one of the two writes lands (the row may vanish between them)
+    LOOP  -- until one of the two writes lands (the row may vanish or appear between them)
         UPDATE tether_entries SET state = p_state, completed_at = p_completed_at,
             answered_by = p_answered_by, upstream_status = p_upstream_status,
             attempts = p_attempts, input_tokens = p_input_tokens,
@@ -135,18 +150,22 @@ BEGIN
             UPDATE tether_runs SET updated_at = p_completed_at WHERE run_id = p_run_id;
             RETURN;
         END IF;
-        INSERT INTO tether_entries (run_id, key, seq, request_hash, upstream, operation,
-            stream, state, started_at, completed_at, answered_by, upstream_status, attempts,
-            input_tokens, output_tokens, payload, too_large, error)
-        VALUES (p_run_id, p_key, 0, p_request_hash, p_upstream, p_operation, p_stream,
-            p_state, p_started_at, p_completed_at, p_answered_by, p_upstream_status,
-            p_attempts, p_input_tokens, p_output_tokens, p_payload, p_too_large, p_error)
-        ON CONFLICT (run_id, key) DO NOTHING;
-        IF FOUND THEN
-            UPDATE tether_entries SET seq = tether_journal_next_seq(p_run_id, p_completed_at)
-            WHERE run_id = p_run_id AND key = p_key;
-            RETURN;
-        END IF;
+        BEGIN
+            INSERT INTO tether_entries (run_id, key, seq, request_hash, upstream, operation,
+                stream, state, started_at, completed_at, answered_by, upstream_status,
+                attempts, input_tokens, output_tokens, payload, too_large, error)
+            VALUES (p_run_id, p_key, tether_journal_next_seq(p_run_id, p_completed_at),
+                p_request_hash, p_upstream, p_operation, p_stream, p_state, p_started_at,
+                p_completed_at, p_answered_by, p_upstream_status, p_attempts, p_input_tokens,
+                p_output_tokens, p_payload, p_too_large, p_error)
+            ON CONFLICT (run_id, key) DO NOTHING;
+            IF FOUND THEN
+                RETURN;
+            END IF;
+            RAISE SQLSTATE 'TT001';  -- another writer inserted it first: undo our seq
+        EXCEPTION WHEN SQLSTATE 'TT001' THEN
+            NULL;
+        END;
     END LOOP;
 END $$;
 """

@@ -346,18 +346,21 @@ class PostgresJournal:
         return True  # other sidecars write keys this one never saw
 
     async def begin(self, entry: Entry, *, durable: bool) -> Entry | None:
-        e = _storable(entry)
+        e, tries = _storable(entry), 0
 
         async def work(conn: Conn) -> Entry | None:
+            nonlocal tries
+            tries += 1
             cursor = await conn.execute(BEGIN, (e.run_id, e.key, e.request_hash, e.upstream,
                                                 e.operation, e.stream, e.started_at))  # fmt: skip
             row = await cursor.fetchone()
             if row is None:
                 return None
             existing = entry_of(row)
-            own = (existing.state is State.STARTED and existing.started_at == e.started_at
-                   and existing.request_hash == e.request_hash)  # fmt: skip
-            return None if own else existing  # `own`: this call's mark, from a lost answer
+            # Tried again after a lost connection: the mark found may be this call's own.
+            mark = (existing.state, existing.started_at, existing.request_hash)
+            own = tries > 1 and mark == (State.STARTED, e.started_at, e.request_hash)
+            return None if own else existing
 
         result = await self._execute(work, write=True)
         self.queries.touched.entries.add(e.run_id)

@@ -18,6 +18,7 @@ import pytest
 import tether
 from sidecar.config import JournalConfig
 from sidecar.errors import InvalidRequestError
+from sidecar.journal.base import Completion, Entry, State
 from sidecar.journal.pgschema import VERSION, SchemaError
 from sidecar.journal.postgres import PostgresJournal
 from sidecar.server import SidecarServer
@@ -136,6 +137,33 @@ async def test_nul_in_a_run_id_is_refused_by_name(schema: Schema) -> None:
 
 
 # -- sidecars sharing one journal --------------------------------------------------------
+
+
+async def test_two_stores_claiming_one_key_have_one_winner(schema: Schema) -> None:
+    """Two stores (two sidecars' pools) begin the same 40 keys at once, then complete the
+    same 40 new keys at once: each key has one winner, and the run counts exactly 80 calls
+    numbered 1..80 (a loser's number is given back)."""
+    stores = [store(schema.dsn, pool_max=8) for _ in range(2)]
+    await asyncio.gather(*(s.open() for s in stores))
+    now = time.time()
+
+    def entry(key: str, nth: int) -> Entry:
+        return Entry("race", key, "h", "u", "op", False, State.STARTED, started_at=now + nth)
+
+    try:
+        both = [(n, i, s) for n in range(40) for i, s in enumerate(stores)]
+        claims = await asyncio.gather(*(s.begin(entry(f"b{n}", i), durable=True)
+                                        for n, i, s in both))  # fmt: skip
+        done = Completion(State.DONE, payload=b"x")
+        await asyncio.gather(*(s.complete(entry(f"c{n}", i), done) for n, i, s in both))
+        summary = await stores[0].run("race")
+        entries = await stores[0].entries("race")
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+    winners = [claims[2 * n : 2 * n + 2].count(None) for n in range(40)]
+    assert winners == [1] * 40
+    assert summary is not None and summary.calls == 80
+    assert sorted(e.seq for e in entries) == list(range(1, 81))
 
 
 def test_a_run_replays_on_another_sidecar(make_sidecar: SidecarFactory, schema: Schema) -> None:
