@@ -8,6 +8,7 @@ import asyncio
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -271,9 +272,14 @@ def test_retention_bounds_the_journal(
         sidecar.stop()
     assert "ret-0000" not in runs and len(runs) < n // 20
     assert len(kept) == 30 and kept[-1].key == "l59"
-    # The file reuses the space retention frees (PostgreSQL: the entries stay about one
-    # max_age of calls): it stops growing. The WAL goes up and down with each fold (a
-    # single sample of it says little), but stays bounded.
+    if journal_backend.schema is not None:
+        # The entries stay about one max_age of calls (how many depends on the pace of the
+        # last second), far fewer than were made.
+        rows = [count for count, _ in sizes]
+        assert rows[-1] < n / 2 and rows[-1] <= 2 * statistics.median(rows), (n, rows)
+        return
+    # The file reuses the space retention frees: it stops growing. The WAL goes up and down
+    # with each fold (a single sample of it says little), but stays bounded.
     files = [file for file, _wal in sizes]
     assert files[-1] <= files[len(files) // 2] * 1.3, sizes
     assert max(wal for _file, wal in sizes) < 16 << 20, sizes
