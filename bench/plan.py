@@ -59,6 +59,7 @@ class Plan:
     round_max_s: float  # a round stops early after this long (a slow proxy: LiteLLM)
     memory_calls: int = 0  # the 100k-call memory run; 0: none
     profile_s: float = 0.0  # py-spy under c=32 load; 0: none
+    startup_tries: int = 1  # starts of the first sidecar variant (the median is reported)
     with_litellm: bool = False
     variants: tuple[Variant, ...] = field(default=())
 
@@ -128,6 +129,7 @@ def make_plan(
         round_max_s=2.0 if quick else 3.0,
         memory_calls=memory,
         profile_s=profile_s,
+        startup_tries=1 if quick else 3,
         with_litellm=with_litellm,
         variants=variants,
     )
