@@ -20,7 +20,7 @@ from sidecar.config import JournalConfig
 from sidecar.errors import InvalidRequestError
 from sidecar.journal.base import Completion, Entry, State
 from sidecar.journal.pgschema import VERSION, SchemaError
-from sidecar.journal.postgres import PostgresJournal
+from sidecar.journal.postgres import PostgresJournal, describe
 from sidecar.server import SidecarServer
 from tests.e2e.tools import ToolServer
 from tests.integration.conftest import SidecarFactory
@@ -121,6 +121,22 @@ async def test_a_newer_schema_is_refused(schema: Schema) -> None:
                  (VERSION + 1,))  # fmt: skip
     with pytest.raises(SchemaError, match=f"version {VERSION + 1}; this sidecar knows up to"):
         await store(schema.dsn).open()
+
+
+async def test_dsn_from_the_environment_is_named_without_its_password(
+    schema: Schema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dsn_env` names the variable holding the DSN; the store's name in messages and logs
+    carries user, host, port and database, never the password."""
+    monkeypatch.setenv("JOURNAL_DSN", f"{schema.dsn} password={PASSWORD}")
+    config = JournalConfig.model_validate({"backend": "postgres", "dsn_env": "JOURNAL_DSN"})
+    journal_store = PostgresJournal(config)
+    await journal_store.open()
+    try:
+        assert journal_store.available and PASSWORD not in journal_store.name
+        assert journal_store.name == describe(schema.dsn)  # postgresql://user@host:port/db
+    finally:
+        await journal_store.close()
 
 
 async def test_nul_in_a_run_id_is_refused_by_name(schema: Schema) -> None:
