@@ -27,7 +27,7 @@ import orjson
 from sidecar import errors
 from sidecar.journal.base import Completion, Entry, State, StoredError
 from sidecar.journal.recorder import Claim, Ident, Recorder, request_hash
-from sidecar.pipeline import Admission, Pipeline, Route
+from sidecar.pipeline import Pipeline
 from sidecar.policies.base import (
     NEUTRAL,
     UPSTREAM_SIDE_4XX,
@@ -38,6 +38,7 @@ from sidecar.policies.base import (
     succeeded,
 )
 from sidecar.policies.deadline import Deadline
+from sidecar.routes import Admission, Route
 from sidecar.telemetry.calls import NULL_OBSERVER
 from sidecar.upstreams.base import UpstreamRequest, Usage
 from tether.v1 import sidecar_pb2 as pb

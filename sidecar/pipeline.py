@@ -29,140 +29,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sidecar import errors
 from sidecar.config import Config
-from sidecar.policies.base import NEUTRAL, Outcome, Permit, outcome_of, succeeded
-from sidecar.policies.bulkhead import Bulkhead
+from sidecar.policies.base import NEUTRAL, Permit, outcome_of, succeeded
 from sidecar.policies.clock import SYSTEM_CLOCK, Clock
 from sidecar.policies.deadline import Deadline
 from sidecar.policies.fallback import falls_back
-from sidecar.policies.gates import make_breaker, make_limiter
 from sidecar.policies.ratelimit import estimate_tokens
-from sidecar.policies.retry import Retrier
+from sidecar.routes import (
+    Admission,
+    CallResult,
+    CallTrace,
+    Plan,
+    Route,
+    StreamInfo,
+    error_reason,
+    timed_out,
+)
 from sidecar.state.store import StateStore, build_state
+from sidecar.streams import OpenStream, close_chunks
 from sidecar.telemetry.calls import NULL_OBSERVER, CallObserver
-from sidecar.upstreams.base import Chunk, Upstream, UpstreamRequest, UpstreamResponse, Usage
+from sidecar.upstreams.base import Chunk, Upstream, UpstreamRequest, UpstreamResponse
 
 log = logging.getLogger("tether.sidecar.pipeline")
 T = TypeVar("T")
-
-
-class Route:
-    """One upstream with its gates, retrier, fallbacks and counters."""
-
-    def __init__(
-        self,
-        name: str,
-        upstream: Upstream,
-        config: Config,
-        clock: Clock,
-        state: StateStore | None = None,
-    ) -> None:
-        spec = config.upstreams[name]
-        policies = spec.policies
-        self.name = name
-        self.upstream = upstream
-        self.attempt_timeout_s = spec.attempt_timeout_s
-        # Streams: the wait for the first chunk and each gap after it (else per attempt).
-        self.first_chunk_timeout_s = policies.stream.first_chunk_timeout_s or spec.attempt_timeout_s
-        self.idle_timeout_s = policies.stream.idle_timeout_s or spec.attempt_timeout_s
-        self.idempotent = spec.is_idempotent
-        self.fallback_names = list(policies.fallback)
-        self.plan = Plan((self,))  # itself, then its fallbacks in order (set by `Pipeline`)
-        self.limiter = (
-            make_limiter(name, policies.rate_limit, clock, state) if policies.rate_limit else None
-        )
-        self.bulkhead = Bulkhead(name, policies.bulkhead, clock) if policies.bulkhead else None
-        timeout_s = spec.attempt_timeout_s  # a probe slot's lease, in a shared breaker
-        self.breaker = (
-            make_breaker(name, policies.breaker, clock, state, attempt_timeout_s=timeout_s)
-            if policies.breaker
-            else None
-        )
-        self.retrier = (
-            Retrier(name, policies.retry, clock, idempotent=spec.is_idempotent)
-            if policies.retry
-            else None
-        )
-        self.counts_tokens = bool(self.limiter and self.limiter.tokens and spec.kind == "model")
-        self.calls = 0
-        self.errors = 0
-        self.in_flight = 0
-        self.fallbacks_used = 0
-
-    def gauges(self) -> dict[str, float]:
-        gauges: dict[str, float] = {}
-        retrier = self.retrier if self.retrier is not None and self.retrier.enabled else None
-        for part in (self.limiter, self.bulkhead, self.breaker, retrier):
-            if part is not None:
-                gauges.update(part.status())
-        return gauges
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """Which routes may take a call, in order, and the one that takes a call the others
-    refused as longer than their context window."""
-
-    candidates: tuple[Route, ...]
-    context: Route | None = None
-
-    @property
-    def journal_idempotent(self) -> bool:
-        """How the journal treats the call: idempotent only if every route that may take
-        it is."""
-        return all(route.idempotent for route in self.candidates) and (
-            self.context is None or self.context.idempotent
-        )
-
-    def after(self, target: Route) -> Route | None:
-        """The candidate after `target`, if any (the context fallback has none)."""
-        if target is self.context:
-            return None
-        index = self.candidates.index(target) + 1
-        return self.candidates[index] if index < len(self.candidates) else None
-
-
-@dataclass(slots=True)
-class Admission:
-    """The gate permits of one call on one route, released together with its outcome."""
-
-    route: Route
-    permits: list[Permit]
-
-    def release(self, outcome: Outcome) -> None:
-        for permit in reversed(self.permits):
-            permit.release(outcome)
-        self.permits = []
-
-
-@dataclass(slots=True)
-class CallResult:
-    response: UpstreamResponse
-    upstream: str
-    attempts: int
-
-
-@dataclass(slots=True)
-class CallTrace:
-    """Filled while a call runs: upstream attempts begun so far (0: nothing was sent), and
-    the observer told what happens (spans, metrics)."""
-
-    attempts: int = 0
-    observer: CallObserver = NULL_OBSERVER
-
-
-@dataclass(slots=True)
-class StreamInfo(CallTrace):
-    """Filled while a stream runs: which upstream answered, after how many attempts."""
-
-    upstream: str = ""
-    usage: Usage | None = None
 
 
 class Pipeline:
@@ -421,13 +315,6 @@ class Pipeline:
         trace.attempts += 1
         return permit
 
-    def _timed_out(self, route: Route, timeout_s: float, by_caller: bool) -> errors.UpstreamError:
-        return errors.UpstreamTimeoutError(
-            f"upstream {route.name!r} did not answer within {timeout_s:.3f} s",
-            upstream=route.name,
-            caller_deadline=by_caller,
-        )
-
     async def _attempt(
         self,
         route: Route,
@@ -444,7 +331,7 @@ class Pipeline:
             async with asyncio.timeout(timeout_s):
                 response = await route.upstream.call(request)
         except TimeoutError:
-            exc = self._timed_out(route, timeout_s, by_caller)
+            exc = timed_out(route, timeout_s, by_caller)
             _attempt_failed(trace, span, permit, exc)
             raise exc from None
         except BaseException as exc:
@@ -469,7 +356,7 @@ class Pipeline:
         the first chunk are retried and fall back like unary calls; after it, they end the
         stream."""
 
-        def attempt(target: Route, fails_over: bool) -> Awaitable[_OpenStream]:
+        def attempt(target: Route, fails_over: bool) -> Awaitable[OpenStream]:
             return self._open_route(target, request, deadline, info, fails_over)
 
         opened = await self._on_candidates(plan or route.plan, deadline, info, attempt)
@@ -484,7 +371,7 @@ class Pipeline:
         deadline: Deadline,
         info: StreamInfo,
         fails_over: bool,
-    ) -> _OpenStream:
+    ) -> OpenStream:
         admission = await self.admit(route, request, deadline, info.observer)
         if route.retrier is not None:
             route.retrier.budget.record_call()
@@ -511,7 +398,7 @@ class Pipeline:
         self, route: Route, caught: BaseException, timeout_s: float, by_caller: bool
     ) -> BaseException:
         if isinstance(caught, TimeoutError):
-            return self._timed_out(route, timeout_s, by_caller)
+            return timed_out(route, timeout_s, by_caller)
         if isinstance(caught, StopAsyncIteration):
             return errors.UpstreamBadResponseError(
                 f"upstream {route.name!r} ended its stream without a chunk", upstream=route.name
@@ -526,7 +413,7 @@ class Pipeline:
         admission: Admission,
         info: StreamInfo,
         start: int,
-    ) -> _OpenStream:
+    ) -> OpenStream:
         permit = self._admit_attempt(route, info, start)
         span = info.observer.attempt_start(route.name, info.attempts)
         timeout_s, by_caller = deadline.cap(route.first_chunk_timeout_s)
@@ -537,78 +424,14 @@ class Pipeline:
         except BaseException as caught:
             exc = self._first_chunk_error(route, caught, timeout_s, by_caller)
             try:
-                await _close(chunks)
+                await close_chunks(chunks)
             finally:
                 _attempt_failed(info, span, permit, exc)
             if exc is caught:
                 raise
             raise exc from None
         info.observer.first_chunk()
-        return _OpenStream(self, route, chunks, first, permit, admission, span)
-
-
-class _OpenStream:
-    """A stream whose first chunk arrived; the rest flows under the same permits."""
-
-    def __init__(
-        self,
-        pipeline: Pipeline,
-        route: Route,
-        chunks: AsyncIterator[Chunk],
-        first: Chunk,
-        permit: Permit | None,
-        admission: Admission,
-        span: Any,
-    ) -> None:
-        self.pipeline, self.route, self.chunks, self.first = pipeline, route, chunks, first
-        self.permit, self.admission, self.span = permit, admission, span
-
-    async def rest(self, deadline: Deadline, info: StreamInfo) -> AsyncGenerator[Chunk, None]:
-        route = self.route
-        info.upstream = route.name
-        outcome = NEUTRAL
-        try:
-            chunk: Chunk | None = self.first
-            while chunk is not None:
-                info.usage = chunk.usage or info.usage
-                info.observer.response_chunk(chunk.data)
-                yield chunk
-                chunk = await self._next(deadline)
-            outcome = succeeded(info.usage)
-        except BaseException as exc:
-            outcome = outcome_of(exc)
-            route.errors += 1
-            if isinstance(exc, Exception):  # not the caller's cancellation or aclose
-                info.observer.event("stream.cut", route.name, reason=error_reason(exc))
-            raise
-        finally:
-            try:
-                await _close(self.chunks)
-            finally:  # a failing aclose must not keep the slot, the probe or the tokens
-                route.in_flight -= 1
-                if self.permit is not None:
-                    self.permit.release(outcome)
-                self.admission.release(outcome)
-                answer = UpstreamResponse(b"", usage=info.usage)
-                info.observer.attempt_end(self.span, answer, outcome.error)
-
-    async def _next(self, deadline: Deadline) -> Chunk | None:
-        """The next chunk within the idle bound (`policies.stream.idle_timeout_s`, else the
-        per-attempt timeout) and the deadline."""
-        timeout_s, by_caller = deadline.cap(self.route.idle_timeout_s)
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await anext(self.chunks)
-        except StopAsyncIteration:
-            return None
-        except TimeoutError:
-            raise self.pipeline._timed_out(self.route, timeout_s, by_caller) from None
-
-
-async def _close(chunks: AsyncIterator[Chunk]) -> None:
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
-        await aclose()
+        return OpenStream(route, chunks, first, permit, admission, span)
 
 
 def may_have_executed(exc: BaseException, attempts: int) -> bool:
@@ -642,14 +465,6 @@ def _attempt_failed(trace: CallTrace, span: Any, permit: Permit | None, exc: Bas
 def _silent(exc: errors.UpstreamError) -> bool:
     """A timeout of the upstream's own (not the caller's deadline): it kept silent."""
     return isinstance(exc, errors.UpstreamTimeoutError) and not exc.caller_deadline
-
-
-def error_reason(exc: BaseException) -> str:
-    """A short, bounded reason for a failure: the HTTP status, else the error's kind."""
-    status = getattr(exc, "http_status", 0)
-    if status >= 400:  # an error status; a 200 whose body broke is a bad response
-        return str(status)
-    return type(exc).__name__.removeprefix("Upstream").removesuffix("Error").lower()
 
 
 def _set_attempts(exc: errors.SidecarError, attempts: int) -> None:

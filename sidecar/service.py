@@ -32,8 +32,9 @@ from sidecar.journal.wire import (
     unframe,
     usage_pb,
 )
-from sidecar.pipeline import CallResult, CallTrace, Pipeline, Plan, Route, StreamInfo
+from sidecar.pipeline import Pipeline
 from sidecar.policies.clock import SYSTEM_CLOCK, Clock
+from sidecar.routes import CallResult, CallTrace, Plan, Route, StreamInfo
 from sidecar.telemetry.hub import Telemetry
 from sidecar.upstreams.base import Upstream, UpstreamRequest
 from tether.v1 import sidecar_pb2 as pb

@@ -28,7 +28,7 @@ from sidecar.upstreams.anthropic import OPERATION
 
 if TYPE_CHECKING:
     from sidecar.http.front import HttpFront
-    from sidecar.pipeline import Plan, Route
+    from sidecar.routes import Plan, Route
 
 PATH: Final = "/v1/messages"
 TAKES_MESSAGES: Final = frozenset({"anthropic", "mock"})  # upstream types that take the shape

@@ -31,7 +31,7 @@ from sidecar import errors
 from sidecar.config import split_host_port
 from sidecar.http import anthropic
 from sidecar.http.errors import UnknownModelError, describe, describe_anthropic
-from sidecar.pipeline import Plan, StreamInfo
+from sidecar.routes import Plan, StreamInfo
 from sidecar.service import SidecarService
 from tether.v1 import sidecar_pb2 as pb
 

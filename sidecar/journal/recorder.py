@@ -42,9 +42,9 @@ from sidecar.journal.base import (
     StoredError,
     StoreDownError,
 )
-from sidecar.pipeline import CallTrace
 from sidecar.pipeline import may_have_executed as _may_have_executed
 from sidecar.policies.base import Verdict, verdict_of
+from sidecar.routes import CallTrace
 from sidecar.upstreams.base import Usage
 
 log = logging.getLogger("tether.sidecar.journal")

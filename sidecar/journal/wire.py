@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from google.protobuf import timestamp_pb2
 
 from sidecar.journal.base import Completion, Entry, RunSummary, State
-from sidecar.pipeline import CallResult
+from sidecar.routes import CallResult
 from sidecar.upstreams.base import Usage
 from tether.v1 import sidecar_pb2 as pb
 

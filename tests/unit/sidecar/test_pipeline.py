@@ -12,9 +12,10 @@ import pytest
 
 from sidecar import errors
 from sidecar.config import parse_config
-from sidecar.pipeline import CallTrace, Pipeline, StreamInfo
+from sidecar.pipeline import Pipeline
 from sidecar.policies.base import Outcome, Verdict
 from sidecar.policies.clock import ManualClock
+from sidecar.routes import CallTrace, StreamInfo
 from sidecar.upstreams.base import Chunk, UpstreamRequest, UpstreamResponse
 
 T = TypeVar("T")
