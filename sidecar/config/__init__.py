@@ -2,65 +2,102 @@
 
 Models are frozen and forbid unknown keys, so a typo is an error that names its field. Secrets
 are never in the file: a field ending in `_env` names the environment variable that holds it.
-Defaults live here and only here.
+Defaults live in this package and only here (`base`: addresses and limits, `policies`,
+`upstreams`; this module: the file as a whole, its loading and its cross-checks).
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
-import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, overload
+from typing import Any, Literal, overload
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from sidecar.config.base import (
+    CONTROL_CHARS,
+    DEFAULT_GRACE_S,
+    DEFAULT_GRPC_ADDRESS,
+    DEFAULT_JOURNAL_PATH,
+    DEFAULT_MAX_CONCURRENT_RPCS,
+    DEFAULT_MAX_ENTRY_BYTES,
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_METRICS_ADDRESS,
+    DEFAULT_TIMEOUT_S,
+    StrictModel,
+    is_loopback_host,
+    split_host_port,
+)
+from sidecar.config.policies import (
+    DEFAULT_RETRY_ON,
+    BreakerPolicy,
+    BulkheadPolicy,
+    Policies,
+    RateLimitPolicy,
+    RetryCondition,
+    RetryPolicy,
+    StreamPolicy,
+)
+from sidecar.config.upstreams import (
+    AnthropicUpstreamConfig,
+    GuardedUpstreamConfig,
+    HttpUpstreamBase,
+    HttpUpstreamConfig,
+    MockOutage,
+    MockUpstreamConfig,
+    OpenAIUpstreamConfig,
+    UpstreamConfig,
 )
 
-DEFAULT_GRPC_ADDRESS = "unix:tether.sock"
-DEFAULT_METRICS_ADDRESS = "127.0.0.1:9464"
-DEFAULT_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
-DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
-DEFAULT_MAX_CONCURRENT_RPCS = 1024
-DEFAULT_GRACE_S = 10.0
-DEFAULT_TIMEOUT_S = 60.0
-DEFAULT_JOURNAL_PATH = "tether-journal.db"
-DEFAULT_MAX_ENTRY_BYTES = 1024 * 1024
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 9110 token
+__all__ = [
+    "DEFAULT_GRACE_S",
+    "DEFAULT_JOURNAL_PATH",
+    "DEFAULT_MAX_ENTRY_BYTES",
+    "DEFAULT_RETRY_ON",
+    "DEFAULT_TIMEOUT_S",
+    "AnthropicUpstreamConfig",
+    "AuthConfig",
+    "BreakerPolicy",
+    "BulkheadPolicy",
+    "Config",
+    "ConfigError",
+    "GuardedUpstreamConfig",
+    "HttpUpstreamBase",
+    "HttpUpstreamConfig",
+    "JournalConfig",
+    "LimitsConfig",
+    "ListenConfig",
+    "MockOutage",
+    "MockUpstreamConfig",
+    "OpenAIUpstreamConfig",
+    "Policies",
+    "Price",
+    "RateLimitPolicy",
+    "RetentionConfig",
+    "RetryCondition",
+    "RetryPolicy",
+    "RouteConfig",
+    "ShutdownConfig",
+    "StateConfig",
+    "StreamPolicy",
+    "TelemetryConfig",
+    "UpstreamConfig",
+    "default_config",
+    "default_config_text",
+    "load_config",
+    "load_config_text",
+    "parse_config",
+    "resolve_secret",
+    "secret_fields",
+    "split_host_port",
+]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    """`host:port` (IPv6 in brackets) into its parts; ValueError when malformed."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected host:port or unix:PATH, got {address!r}")
-    return host, int(port)
-
-
-class ListenConfig(_Model):
+class ListenConfig(StrictModel):
     """Where the sidecar listens. TCP binds to loopback unless `allow_remote` says otherwise."""
 
     grpc: list[str] = Field(default_factory=lambda: [DEFAULT_GRPC_ADDRESS], min_length=1)
@@ -100,7 +137,7 @@ class ListenConfig(_Model):
             if address.startswith("unix:"):
                 continue
             host, _ = split_host_port(address)
-            if not _is_loopback_host(host):
+            if not is_loopback_host(host):
                 raise ValueError(
                     f"{address!r} is not a loopback address; set listen.allow_remote: true "
                     "to listen beyond this machine"
@@ -108,7 +145,7 @@ class ListenConfig(_Model):
         return self
 
 
-class LimitsConfig(_Model):
+class LimitsConfig(StrictModel):
     """Bounds that protect the sidecar from oversized or too many requests."""
 
     max_payload_bytes: int = Field(DEFAULT_MAX_PAYLOAD_BYTES, gt=0)
@@ -116,212 +153,19 @@ class LimitsConfig(_Model):
     max_concurrent_rpcs: int = Field(DEFAULT_MAX_CONCURRENT_RPCS, gt=0)
 
 
-class ShutdownConfig(_Model):
+class ShutdownConfig(StrictModel):
     """SIGTERM drain: in-flight calls get `grace_s` seconds to finish."""
 
     grace_s: float = Field(DEFAULT_GRACE_S, ge=0)
 
 
-class AuthConfig(_Model):
+class AuthConfig(StrictModel):
     """Optional bearer token required on every RPC, read from an environment variable."""
 
     token_env: str = Field(min_length=1)
 
 
-RetryCondition = (
-    Literal["unavailable", "deadline", "bad_response"] | Annotated[int, Field(ge=400, le=599)]
-)
-# 529: Anthropic's "overloaded"
-DEFAULT_RETRY_ON: tuple[RetryCondition, ...] = ("unavailable", "deadline", 429, 500, 502, 503,
-                                               504, 529)  # fmt: skip
-
-
-class RetryPolicy(_Model):
-    """Retries with exponential backoff and full jitter, bounded by a per-upstream budget."""
-
-    max_attempts: int = Field(4, ge=1, le=20)
-    backoff_initial_s: float = Field(0.2, ge=0)
-    backoff_max_s: float = Field(10.0, ge=0)
-    jitter: Literal["full", "none"] = "full"
-    retry_on: list[RetryCondition] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON))
-    budget_ratio: float = Field(0.2, ge=0, le=10)
-    budget_min_retries: int = Field(1, ge=0)
-    budget_window_s: int = Field(10, ge=1, le=3600)
-
-
-class BreakerPolicy(_Model):
-    """Opens after `fail_max` consecutive failures; probes again after `reset_timeout_s`."""
-
-    fail_max: int = Field(5, ge=1)
-    reset_timeout_s: float = Field(30.0, gt=0)
-    success_threshold: int = Field(1, ge=1)
-    half_open_probes: int = Field(1, ge=1)
-    # when the shared state store (state.backend: redis) fails: keep serving on this
-    # replica's own breaker (fail_open) or refuse the call (fail_closed)
-    on_store_error: Literal["fail_open", "fail_closed"] = "fail_open"
-
-
-class RateLimitPolicy(_Model):
-    """Requests per second with a burst, and model tokens per minute."""
-
-    requests_per_s: float | None = Field(None, gt=0)
-    burst: float | None = Field(None, ge=1)
-    tokens_per_min: int | None = Field(None, gt=0)
-    mode: Literal["wait", "reject"] = "wait"
-    max_wait_s: float = Field(5.0, ge=0)
-    # when the shared state store fails: a local limiter at 1/state.replicas of the limit
-    # (fail_open) or refuse the call (fail_closed)
-    on_store_error: Literal["fail_open", "fail_closed"] = "fail_open"
-
-    @model_validator(mode="after")
-    def _some_limit(self) -> RateLimitPolicy:
-        if self.requests_per_s is None and self.tokens_per_min is None:
-            raise ValueError("set requests_per_s, tokens_per_min or both")
-        return self
-
-
-class BulkheadPolicy(_Model):
-    """At most `max_in_flight` calls at once, `max_queue` more waiting `queue_timeout_s`."""
-
-    max_in_flight: int = Field(32, ge=1)
-    max_queue: int = Field(64, ge=0)
-    queue_timeout_s: float = Field(2.0, ge=0)
-
-
-class StreamPolicy(_Model):
-    """Per-attempt bounds of a stream; `null`: the upstream's per-attempt timeout."""
-
-    first_chunk_timeout_s: float | None = Field(None, gt=0)  # the wait for the first chunk
-    idle_timeout_s: float | None = Field(None, gt=0)  # each gap between chunks
-
-
-class Policies(_Model):
-    """Per-upstream policies; `null` turns a default-on policy off."""
-
-    timeout_s: float | None = Field(None, gt=0)  # per attempt; else the upstream's timeout_s
-    stream: StreamPolicy = Field(default_factory=StreamPolicy)
-    retry: RetryPolicy | None = Field(default_factory=RetryPolicy)
-    breaker: BreakerPolicy | None = Field(default_factory=BreakerPolicy)
-    rate_limit: RateLimitPolicy | None = None
-    bulkhead: BulkheadPolicy | None = Field(default_factory=BulkheadPolicy)
-    fallback: list[str] = Field(default_factory=list)
-
-
-class _UpstreamBase(_Model):
-    kind: Literal["model", "tool"]
-    timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0)
-    policies: Policies = Field(default_factory=Policies)
-    # Whether re-sending the same request is harmless; model upstreams default to yes.
-    idempotent: bool | None = None
-
-    @property
-    def is_idempotent(self) -> bool:
-        return self.kind == "model" if self.idempotent is None else self.idempotent
-
-    @property
-    def attempt_timeout_s(self) -> float:
-        """The per-attempt timeout: `policies.timeout_s`, else `timeout_s`."""
-        return self.policies.timeout_s or self.timeout_s
-
-
-def _check_header_names(names: list[str]) -> None:
-    for name in names:
-        if not _HEADER_NAME.fullmatch(name):
-            raise ValueError(f"{name!r} is not a valid HTTP header name")
-
-
-class HttpUpstreamBase(_UpstreamBase):
-    """What the HTTP adapters share: a key, static and secret headers, a connection pool."""
-
-    api_key_env: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-    # header name -> the environment variable holding its (secret) value
-    headers_env: dict[str, Annotated[str, Field(min_length=1)]] = Field(default_factory=dict)
-    max_connections: int = Field(100, gt=0)
-
-    @field_validator("headers")
-    @classmethod
-    def _header_values(cls, value: dict[str, str]) -> dict[str, str]:
-        _check_header_names(list(value))
-        for name, text in value.items():
-            if _CONTROL_CHARS.search(text):
-                raise ValueError(f"the value of {name!r} contains control characters (CR, LF...)")
-        return value
-
-    @field_validator("headers_env")
-    @classmethod
-    def _secret_headers(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
-        _check_header_names(list(value))
-        plain = {name.lower() for name in info.data.get("headers") or {}}
-        for name in value:
-            if name.lower() in plain:
-                raise ValueError(f"header {name!r} is also set in headers")
-        return value
-
-
-class OpenAIUpstreamConfig(HttpUpstreamBase):
-    """An OpenAI-compatible API (`/chat/completions`, `/embeddings`)."""
-
-    type: Literal["openai"]
-    kind: Literal["model", "tool"] = "model"
-    base_url: str = Field(pattern=r"^https?://")
-
-
-class AnthropicUpstreamConfig(HttpUpstreamBase):
-    """Anthropic's Messages API (`/v1/messages`); `base_url` is the API root."""
-
-    type: Literal["anthropic"]
-    kind: Literal["model"] = "model"
-    base_url: str = Field(pattern=r"^https?://")
-    anthropic_version: str = Field("2023-06-01", min_length=1)  # the anthropic-version header
-
-
-class HttpUpstreamConfig(HttpUpstreamBase):
-    """A generic JSON tool endpoint: the payload is POSTed, the JSON body returned."""
-
-    type: Literal["http"]
-    kind: Literal["model", "tool"] = "tool"
-    url: str = Field(pattern=r"^https?://")
-
-
-class MockOutage(_Model):
-    """A phase where every call fails: from hit `after_hits` + 1, for `duration_s` seconds."""
-
-    after_hits: int = Field(ge=0)
-    duration_s: float = Field(gt=0)
-
-
-class MockUpstreamConfig(_UpstreamBase):
-    """The built-in deterministic upstream: no network, configurable faults."""
-
-    type: Literal["mock"]
-    latency_ms: float = Field(0.0, ge=0)
-    failure_rate: float = Field(0.0, ge=0, le=1)
-    fail_first: int = Field(0, ge=0)
-    outage: MockOutage | None = None
-    failure_kind: Literal["status", "hang", "reset", "garbage"] = "status"
-    failure_status: int = Field(503, ge=400, le=599)
-    seed: int = 0
-    stream_chunks: int = Field(4, ge=1)
-
-
-class GuardedUpstreamConfig(_UpstreamBase):
-    """A dependency the agent calls itself; the sidecar only guards it (BeginCall/EndCall)."""
-
-    type: Literal["guarded"]
-
-
-UpstreamConfig = Annotated[
-    OpenAIUpstreamConfig
-    | AnthropicUpstreamConfig
-    | HttpUpstreamConfig
-    | MockUpstreamConfig
-    | GuardedUpstreamConfig,
-    Field(discriminator="type"),
-]
-
-
-class RouteConfig(_Model):
+class RouteConfig(StrictModel):
     """A model name of the HTTP front and the model upstream that serves it.
 
     `fallback`: the upstreams that take the call, in order, when `upstream` cannot; unset,
@@ -334,7 +178,7 @@ class RouteConfig(_Model):
     context_fallback: str | None = None
 
 
-class RetentionConfig(_Model):
+class RetentionConfig(StrictModel):
     """How long journal entries and checkpoints are kept; enforced every `interval_s`."""
 
     max_age_s: float = Field(7 * 86400.0, gt=0)
@@ -343,7 +187,7 @@ class RetentionConfig(_Model):
     interval_s: float = Field(60.0, gt=0)
 
 
-class JournalConfig(_Model):
+class JournalConfig(StrictModel):
     """The durable call journal and checkpoints (`backend: none` turns replay off)."""
 
     backend: Literal["sqlite", "postgres", "none"] = "sqlite"
@@ -372,7 +216,7 @@ class JournalConfig(_Model):
         return self.backend != "none"
 
 
-class StateConfig(_Model):
+class StateConfig(StrictModel):
     """Where rate-limit buckets and breaker states live: this process (`memory`), or a Redis
     server shared by every sidecar that names the same upstream under the same `key_prefix`."""
 
@@ -394,14 +238,14 @@ class StateConfig(_Model):
         return self
 
 
-class Price(_Model):
+class Price(StrictModel):
     """What a model costs, in US dollars per million tokens."""
 
     input_per_1m_usd: float = Field(ge=0)
     output_per_1m_usd: float = Field(ge=0)
 
 
-class TelemetryConfig(_Model):
+class TelemetryConfig(StrictModel):
     """Traces (OTLP, configured by the standard OTEL_* variables), logs and cost estimates."""
 
     # auto: on when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set
@@ -414,7 +258,7 @@ class TelemetryConfig(_Model):
     prices: dict[str, Price] = Field(default_factory=dict)
 
 
-class Config(_Model):
+class Config(StrictModel):
     """The whole configuration file."""
 
     listen: ListenConfig = Field(default_factory=ListenConfig)
@@ -600,7 +444,7 @@ def resolve_secret(env_name: str | None, *, what: str) -> str | None:
     value = os.environ.get(env_name, "").strip()
     if not value:
         raise ConfigError(what, [f"environment variable {env_name} is not set or empty"])
-    if _CONTROL_CHARS.search(value):
+    if CONTROL_CHARS.search(value):
         raise ConfigError(what, [f"environment variable {env_name} contains control characters"])
     return value
 
