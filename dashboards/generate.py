@@ -268,6 +268,21 @@ def overview_panels() -> list[Panel]:
             unit="s",
         ),
         panel(
+            "Shared stores",
+            "Are the stores shared with other sidecars answering (Redis state, PostgreSQL "
+            "journal), and how many decisions are made without them?",
+            [
+                prom(
+                    'min by (store) (tether_store_up{store=~".+"})', "{{store}} up (1) / down (0)"
+                ),
+                prom(
+                    rate("tether_store_fallbacks_total", "store, policy"),
+                    "{{store}} {{policy}}: decided without the store /s",
+                ),
+            ],
+            width=12,
+        ),
+        panel(
             "Telemetry spans dropped",
             "Is trace export losing spans (collector slow or down)?",
             [prom(f"sum(rate(tether_telemetry_spans_dropped_total{RATE}))", "dropped")],

@@ -231,7 +231,13 @@ def test_every_dashboard_query_returns_series(prometheus_binary: None, short_tmp
     """After a fault-injecting load, every Prometheus query of every panel returns a series
     (latency queries with trace exemplars); failures are listed by panel title."""
     metrics = f"127.0.0.1:{free_port()}"
-    config, address = write_config(short_tmp, UPSTREAMS, metrics=metrics, telemetry=TELEMETRY)
+    # Shared state on a Redis that is not there: the store's incident and the policies'
+    # local decisions (fail_open) feed the "Shared stores" panel.
+    state = {"backend": "redis", "url": f"redis://127.0.0.1:{free_port()}/0",
+             "timeout_s": 0.05, "retry_after_s": 1.0}  # fmt: skip
+    config, address = write_config(
+        short_tmp, UPSTREAMS, metrics=metrics, telemetry=TELEMETRY, state=state
+    )
     # Tracing on (an absent collector: spans are dropped and counted), for exemplars.
     env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
