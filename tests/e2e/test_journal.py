@@ -151,6 +151,8 @@ def _load(address: str, run_id: str, keys: list[str], acked: set[str], stop_at: 
             acked.add(key)
 
 
+# Ten restarts and ~20,000 calls: about a minute on a quiet machine, several on a busy one.
+@pytest.mark.timeout(400)
 def test_sidecar_sigkill_under_load_loses_nothing(sidecar: Sidecar, tools: ToolServer) -> None:
     """1,000 calls from 16 callers, sidecar SIGKILLed at a random moment, 10 times: every
     acknowledged call is journaled, the file is intact, no tool call runs twice for a key."""
