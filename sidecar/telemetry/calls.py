@@ -162,13 +162,14 @@ class _StreamAnswer:
         elif reason := _text(message.get("stop_reason")):
             self.reasons.append(reason)
 
-    def apply(self, span: Any) -> None:
+    def apply(self, attrs: dict[str, Any]) -> None:
+        """Add what the chunks said to a span's attributes."""
         if self.id:
-            span.set_attribute("gen_ai.response.id", self.id)
+            attrs["gen_ai.response.id"] = self.id
         if self.model:
-            span.set_attribute("gen_ai.response.model", self.model)
+            attrs["gen_ai.response.model"] = self.model
         if self.reasons:
-            span.set_attribute("gen_ai.response.finish_reasons", self.reasons)
+            attrs["gen_ai.response.finish_reasons"] = self.reasons
 
 
 def _has_finish_reason(data: bytes) -> bool:
@@ -325,42 +326,47 @@ class TracedCall(CallObserver):
 
     def _attempt_attributes(self, span: Any, upstream: str, response: UpstreamResponse | None,
                             exc: Any) -> None:  # fmt: skip
+        attrs: dict[str, Any] = {}
         if response is not None:
-            self._response_attributes(span, upstream, response)
+            self._response_attributes(attrs, upstream, response)
         if self._answer is not None:
-            self._answer.apply(span)
+            self._answer.apply(attrs)
         if exc is not None:
             error_type = _error_type(exc)
-            span.set_attribute("error.type", error_type)
+            attrs["error.type"] = error_type
             span.set_status(Status(StatusCode.ERROR, error_type))
+        if attrs:
+            span.set_attributes(attrs)  # at once: one lock, not one per attribute
 
-    def _response_attributes(self, span: Any, upstream: str, response: UpstreamResponse) -> None:
+    def _response_attributes(self, attrs: dict[str, Any], upstream: str,
+                             response: UpstreamResponse) -> None:  # fmt: skip
         usage = response.usage
         if usage is not None:
-            span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
-            span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
+            attrs["gen_ai.usage.input_tokens"] = usage.input_tokens
+            attrs["gen_ai.usage.output_tokens"] = usage.output_tokens
         route = self.t.routes.get(upstream, self.route)
         if route.upstream.kind == "tool" or not response.payload:
             return
-        try:
-            body = orjson.loads(response.payload)
-        except orjson.JSONDecodeError:
-            return
+        body = response.body  # parsed by the adapter already, else parsed here
+        if body is None:
+            try:
+                body = orjson.loads(response.payload)
+            except orjson.JSONDecodeError:
+                return
         if not isinstance(body, dict):
             return
         for attr, key in (("gen_ai.response.model", "model"), ("gen_ai.response.id", "id")):
             value = body.get(key)
             if isinstance(value, str) and value:
-                span.set_attribute(attr, value)
+                attrs[attr] = value
         choices = body.get("choices")
         reasons = _finish_reasons(choices)
         if not reasons and isinstance(stop := body.get("stop_reason"), str) and stop:
             reasons = [stop]  # Anthropic's message
         if reasons:
-            span.set_attribute("gen_ai.response.finish_reasons", reasons)
+            attrs["gen_ai.response.finish_reasons"] = reasons
         if self.t.capture_content and isinstance(choices, list):
-            span.set_attribute("gen_ai.output.messages",
-                               self.t.redact(orjson.dumps(choices).decode()))  # fmt: skip
+            attrs["gen_ai.output.messages"] = self.t.redact(orjson.dumps(choices).decode())
 
     def response_chunk(self, data: bytes) -> None:
         if not self._recording:
@@ -476,12 +482,13 @@ class TracedCall(CallObserver):
             if usage is not None:
                 self._usage(labels, usage)
         if self._recording:
-            self.span.set_attribute("tether.replayed", replayed)
+            attrs: dict[str, Any] = {"tether.replayed": replayed}
             if answered_by and answered_by != route.name:
-                self.span.set_attribute("tether.fallback_used", answered_by)
+                attrs["tether.fallback_used"] = answered_by
             if exc is not None:
-                self.span.set_attribute("error.type", error_type)
+                attrs["error.type"] = error_type
                 self.span.set_status(Status(StatusCode.ERROR, error_type))
+            self.span.set_attributes(attrs)
         if self.t.log_calls:
             self._log(outcome, error_type, elapsed, replayed, answered_by)
 

@@ -180,8 +180,11 @@ async def read_capped(resp: aiohttp.ClientResponse, limit: int, *, upstream: str
     """The whole body; UpstreamResponseTooLargeError as soon as it exceeds `limit` bytes."""
     # Content-Length counts encoded bytes; only trust it when no decoding will change the size.
     encoded = resp.headers.get("Content-Encoding", "identity").lower() != "identity"
-    if not encoded and resp.content_length is not None and resp.content_length > limit:
-        raise too_large(upstream, limit)
+    length = resp.content_length
+    if not encoded and length is not None:
+        if length > limit:
+            raise too_large(upstream, limit)
+        return await resp.read()  # the usual case: the length is known and allowed
     body = bytearray()
     async for data in resp.content.iter_chunked(_READ_CHUNK):
         body += data
@@ -211,28 +214,39 @@ def _describe(exc: BaseException) -> str:
     return f"{kind} ({type(exc).__name__}: {exc})" if str(exc) else f"{kind} ({type(exc).__name__})"
 
 
+TRANSPORT_ERRORS = (aiohttp.ClientError, OSError)  # what `transport_error` maps (not timeouts)
+
+
+def transport_error(exc: BaseException, upstream: str, secrets: Secrets = ()) -> Exception:
+    """The UpstreamError for an aiohttp transport failure (one of TRANSPORT_ERRORS, not a
+    TimeoutError: timeouts and cancellation pass unchanged)."""
+    if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | OSError):
+        detail = redact(_describe(exc), secrets)
+        return UpstreamUnavailableError(
+            f"upstream {upstream!r}: connection failed: {detail}", upstream=upstream
+        )
+    if isinstance(exc, aiohttp.ClientResponseError):  # malformed status line or headers
+        return UpstreamBadResponseError(
+            f"upstream {upstream!r}: malformed HTTP response: {redact(exc.message, secrets)}",
+            upstream=upstream,
+        )
+    return UpstreamUnavailableError(
+        f"upstream {upstream!r}: request failed: {redact(repr(exc), secrets)}",
+        upstream=upstream,
+    )
+
+
 @contextmanager
 def transport_errors(upstream: str, secrets: Secrets = ()) -> Iterator[None]:
-    """Turn aiohttp transport failures into UpstreamError; timeouts and cancellation pass."""
+    """Turn aiohttp transport failures into UpstreamError; timeouts and cancellation pass.
+    (The per-call paths catch TRANSPORT_ERRORS inline: a generator-based context manager
+    per call costs more than the call's own work here.)"""
     try:
         yield
     except TimeoutError:
         raise
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
-        detail = redact(_describe(exc), secrets)
-        raise UpstreamUnavailableError(
-            f"upstream {upstream!r}: connection failed: {detail}", upstream=upstream
-        ) from None
-    except aiohttp.ClientResponseError as exc:  # malformed status line or headers
-        raise UpstreamBadResponseError(
-            f"upstream {upstream!r}: malformed HTTP response: {redact(exc.message, secrets)}",
-            upstream=upstream,
-        ) from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamUnavailableError(
-            f"upstream {upstream!r}: request failed: {redact(repr(exc), secrets)}",
-            upstream=upstream,
-        ) from None
+    except TRANSPORT_ERRORS as exc:
+        raise transport_error(exc, upstream, secrets) from None
 
 
 def check_header(value: str, *, field: str) -> None:
@@ -337,19 +351,28 @@ class PooledUpstream:
         self, url: str, data: bytes, headers: Mapping[str, str]
     ) -> aiohttp.ClientResponse:
         """POST `data`; the response once its headers arrived (redirects are not followed)."""
-        with transport_errors(self.name, self._secrets):
+        try:
             return await self._pool().post(url, data=data, headers=headers, allow_redirects=False)
+        except TimeoutError:
+            raise
+        except TRANSPORT_ERRORS as exc:
+            raise transport_error(exc, self.name, self._secrets) from None
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
         """The capped body of a 2xx, the first bytes of any other; closes the link on failure."""
         try:
-            with transport_errors(self.name, self._secrets):
-                if 200 <= resp.status < 300:
-                    body = await read_capped(resp, self._limit, upstream=self.name)
-                else:
-                    body = await read_prefix(resp, min(self._limit, ERROR_BODY_BYTES))
-        except BaseException:
+            if 200 <= resp.status < 300:
+                body = await read_capped(resp, self._limit, upstream=self.name)
+            else:
+                body = await read_prefix(resp, min(self._limit, ERROR_BODY_BYTES))
+        except TimeoutError:
             resp.close()  # abort on the wire: the upstream sees the disconnect
+            raise
+        except TRANSPORT_ERRORS as exc:
+            resp.close()
+            raise transport_error(exc, self.name, self._secrets) from None
+        except BaseException:
+            resp.close()
             raise
         resp.release()  # pooled again only when the body was read to its end
         return body

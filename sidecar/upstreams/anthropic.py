@@ -143,7 +143,8 @@ class AnthropicUpstream(StreamingUpstream):
         url = self._url(request.operation)
         status, body = await self._fetch(url, unary_payload(request), self._headers_for(request))
         obj = self._json_object(body, status)
-        return UpstreamResponse(payload=body, status=status, usage=usage_of(obj.get("usage")))
+        usage = usage_of(obj.get("usage"))
+        return UpstreamResponse(payload=body, status=status, usage=usage, body=obj)
 
     def _stream_request(self, request: UpstreamRequest) -> tuple[str, bytes, Decoder]:
         """The payload with `stream: true` (as sent, when it says so already)."""

@@ -52,11 +52,13 @@ class UpstreamRequest:
 
 @dataclass(slots=True)
 class UpstreamResponse:
-    """An upstream's whole answer; `payload` is its body byte for byte."""
+    """An upstream's whole answer; `payload` is its body byte for byte, `body` that JSON
+    object parsed when the adapter parsed it anyway (telemetry reads it, not parsing again)."""
 
     payload: bytes
     status: int = 200
     usage: Usage | None = None
+    body: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

@@ -67,7 +67,7 @@ class OpenAIUpstream(StreamingUpstream):
         status, body = await self._fetch(url, payload, self._headers_for(request))
         obj = self._json_object(body, status)
         return UpstreamResponse(
-            payload=body, status=status, usage=Usage.from_openai(obj.get("usage"))
+            payload=body, status=status, usage=Usage.from_openai(obj.get("usage")), body=obj
         )
 
     def _stream_request(self, request: UpstreamRequest) -> tuple[str, bytes, Decoder]:
