@@ -150,10 +150,11 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
             raise errors.PayloadTooLargeError(len(payload), self.max_payload_bytes)
 
     def _prepare(
-        self, request: pb.CallRequest, rpc: str, metadata: Any, stream: bool
+        self, request: pb.CallRequest, rpc: str, metadata: Any, stream: bool, body: Any = None
     ) -> tuple[Route, UpstreamRequest, Any]:
         """The route, the upstream request and its telemetry; a refusal here is recorded
-        (metrics, span, log) against the upstream when the upstream is known."""
+        (metrics, span, log) against the upstream when the upstream is known. `body`: the
+        payload already parsed (the HTTP front parses it to route it), else it is parsed here."""
         started = time.perf_counter()
         check_run_key(request)
         route = self.route(request.upstream)
@@ -169,7 +170,7 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         try:
             parse_kind(request.kind, upstream)
             self._check_size(request.payload)
-            call.body = self._parse(request.payload)
+            call.body = self._parse(request.payload) if body is None else body
             upstream.validate(call)
         except errors.SidecarError as exc:
             refused = self._observe(route, call, rpc, metadata, stream, started)
@@ -227,14 +228,16 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         metadata: Any,
         timeout_s: float | None,
         plan: Plan | None = None,
+        body: Any = None,
     ) -> Proxied:
         """One unary call, whichever front it came through: prepare, journal, pipeline and
         telemetry; raises the call's SidecarError. `metadata` (pairs or a mapping of request
         headers) may carry `traceparent`; `rpc` names the call in spans and metrics; `plan`
-        (the HTTP front's route of a model) replaces the upstream's own fallbacks."""
+        (the HTTP front's route of a model) replaces the upstream's own fallbacks; `body` is
+        the payload already parsed, if it was."""
         observed = None
         try:
-            route, call, observed = self._prepare(request, rpc, metadata, stream=False)
+            route, call, observed = self._prepare(request, rpc, metadata, False, body)
             plan = plan or route.plan
             deadline = self.pipeline.deadline(timeout_s)
             if self._journaled(request):
@@ -331,6 +334,7 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         timeout_s: float | None,
         info: StreamInfo | None = None,
         plan: Plan | None = None,
+        body: Any = None,
     ) -> AsyncGenerator[pb.StreamChunk, None]:
         """The streaming `proxy`: the chunks, then a final chunk; raises the call's error.
         `info` (when given) shows the answering upstream and attempts as the stream runs."""
@@ -339,7 +343,7 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         claim: Claim | None = None
         observed = None
         try:
-            route, call, observed = self._prepare(request, rpc, metadata, stream=True)
+            route, call, observed = self._prepare(request, rpc, metadata, True, body)
             if not route.upstream.supports_stream:
                 raise errors.InvalidRequestError(
                     f"upstream {route.name!r} does not stream; use Call", field="upstream"

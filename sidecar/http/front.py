@@ -213,8 +213,8 @@ class HttpFront:
         rpc = f"http.{call.operation}"
         trace = {name: request.headers[name] for name in TRACE_HEADERS if name in request.headers}
         if stream:
-            return await self._stream(request, call, plan, rpc, trace, framing)
-        proxied = await self.service.proxy(call, rpc, trace, None, plan)
+            return await self._stream(request, prepared, rpc, trace, framing)
+        proxied = await self.service.proxy(call, rpc, trace, None, plan, prepared.body)
         answer = proxied.response
         headers = {
             "X-Tether-Upstream": answer.upstream,
@@ -227,8 +227,7 @@ class HttpFront:
     async def _stream(
         self,
         request: web.Request,
-        call: pb.CallRequest,
-        plan: Plan,
+        prepared: Prepared,
         rpc: str,
         trace: dict[str, str],
         framing: Framing,
@@ -236,7 +235,8 @@ class HttpFront:
         """Server-sent events; an error before the first chunk is a plain HTTP error, after
         it an in-band error event, and the stream ends without its clean end."""
         info = StreamInfo()
-        chunks = self.service.proxy_stream(call, rpc, trace, None, info, plan)
+        chunks = self.service.proxy_stream(prepared.call, rpc, trace, None, info, prepared.plan,
+                                           prepared.body)  # fmt: skip
         async with aclosing(chunks):
             first = await anext(chunks)
             headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
