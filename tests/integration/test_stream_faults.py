@@ -121,7 +121,7 @@ def test_slow_first_chunk_fails_over(
     assert raw.headers["X-Tether-Upstream"] == "backup"
     assert raw.headers["X-Tether-Attempts"] == "2"
     assert (primary.hits, streams.endpoint("backup").hits) == (1, 1)
-    assert 0.3 <= elapsed < 0.6
+    assert 0.3 <= elapsed < 0.9  # idle_timeout_s + slack for a loaded machine
 
 
 def test_silent_upstream_fails_over_after_its_first_timeout(
@@ -293,7 +293,7 @@ def test_stall_mid_stream_errors(make_sidecar: SidecarFactory, streams: StreamFa
     text, error, elapsed = read_to_error(client(sidecar))
     assert text == "Hello from"
     assert error.code == "upstream_timeout"
-    assert 0.3 <= elapsed < 0.6
+    assert 0.3 <= elapsed < 0.9  # idle_timeout_s + slack for a loaded machine
     assert (streams.endpoint("primary").hits, streams.endpoint("backup").hits) == (1, 0)
     assert cut_count(sidecar, "timeout") == 1
 
@@ -356,7 +356,7 @@ def test_grpc_slow_first_chunk_fails_over(
     assert sdk_text(chunks) == TEXT
     assert (stream.summary.upstream, stream.summary.attempts) == ("backup", 2)
     assert stream.summary.usage.output_tokens == 5
-    assert 0.3 <= elapsed < 0.6
+    assert 0.3 <= elapsed < 0.9  # idle_timeout_s + slack for a loaded machine
 
 
 def test_grpc_stall_mid_stream_errors(
@@ -375,7 +375,7 @@ def test_grpc_stall_mid_stream_errors(
         elapsed = time.monotonic() - started
     assert sdk_text(chunks) == "Hello from"
     assert not stream.summary.done
-    assert 0.3 <= elapsed < 0.6
+    assert 0.3 <= elapsed < 0.9  # idle_timeout_s + slack for a loaded machine
     assert streams.endpoint("backup").hits == 0
 
 
