@@ -17,6 +17,18 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 """
 
+# Shared by the rate-limit scripts: a bucket's TAT written back (expiring a second after it
+# is reached), or the key removed when the bucket is full again.
+_STORE_TAT = """
+local function store(key, tat)
+  if tat > now then
+    redis.call('SET', key, string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
+  else
+    redis.call('DEL', key)
+  end
+end
+"""
+
 # GCRA over a requests bucket and a tokens bucket at once (`policies.ratelimit.Bucket`, on the
 # server's clock). A bucket's key holds its theoretical arrival time (TAT); a missing key is a
 # full bucket. Settlements of earlier calls (token usage minus estimates) ride along and are
@@ -30,15 +42,9 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 #       requests used us, tokens used us}  (used: TAT - now, for the gauges)
 RATE_TAKE = (
     _NOW
+    + _STORE_TAT
     + """
 local max_wait = tonumber(ARGV[6])
-local function store(key, tat)
-  if tat > now then
-    redis.call('SET', key, string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
-  else
-    redis.call('DEL', key)
-  end
-end
 local function tat_of(key, settle)
   local tat = tonumber(redis.call('GET', key))
   if settle ~= 0 then
@@ -77,15 +83,11 @@ return {1, math.floor(wait), math.floor(req_tat - now), math.floor(tok_tat - now
 #   KEYS: TAT keys; ARGV: a delta in us per key
 RATE_ADJUST = (
     _NOW
+    + _STORE_TAT
     + """
 for i, key in ipairs(KEYS) do
   local delta = tonumber(ARGV[i])
-  local tat = math.max((tonumber(redis.call('GET', key)) or now) + delta, now)
-  if tat > now then
-    redis.call('SET', key, string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
-  else
-    redis.call('DEL', key)
-  end
+  store(key, math.max((tonumber(redis.call('GET', key)) or now) + delta, now))
 end
 return 1
 """
