@@ -90,6 +90,10 @@ def _key_value(key: str, value: Any) -> bytes:
     return _field(b"\x0a", key.encode()) + _field(b"\x12", _value(value))
 
 
+class SdkEncodes(Exception):
+    """A span this encoder leaves to the SDK's (links, which the sidecar never makes)."""
+
+
 class SpanEncoder:
     """Encodes batches of finished spans; keeps its caches between batches (one thread)."""
 
@@ -171,7 +175,7 @@ class SpanEncoder:
         if span.dropped_events:
             parts += (b"\x60", _varint(span.dropped_events))
         if span.links:
-            raise NotImplementedError("links: the SDK's encoder")
+            raise SdkEncodes("span links")
         if span.dropped_links:
             parts += (b"\x70", _varint(span.dropped_links))
         status = span.status
@@ -214,6 +218,8 @@ class FastOTLPSpanExporter(OTLPSpanExporter):
     def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
         try:
             return ExportTraceServiceRequest.FromString(self._encoder.encode(data))
+        except SdkEncodes:
+            return sdk_encode(data)
         except Exception as exc:
             log.debug("fast span encoder: %r; the SDK's encoder takes this batch", exc)
             return sdk_encode(data)

@@ -12,6 +12,7 @@ never a complete answer.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from typing import Final
@@ -73,7 +74,7 @@ class SSEParser:
         return None
 
 
-class StreamingUpstream(PooledUpstream):
+class StreamingUpstream(PooledUpstream, ABC):
     """A pooled adapter of an API under `base_url` whose streamed answers are server-sent
     events."""
 
@@ -119,9 +120,9 @@ class StreamingUpstream(PooledUpstream):
             )
         return url
 
+    @abstractmethod
     def _stream_request(self, request: UpstreamRequest) -> tuple[str, bytes, Decoder]:
-        """The URL, the payload and a fresh decoder of one streamed call."""
-        raise NotImplementedError
+        """The URL, the payload and a fresh decoder of one streamed call (each API's own)."""
 
     async def stream(self, request: UpstreamRequest) -> AsyncGenerator[Chunk, None]:
         """POST, then yield the decoded chunk of each event until the decoder says END."""
