@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -32,16 +30,13 @@ import orjson
 import yaml
 
 import tether
+from bench.procs import pin_self, pinned
 from sidecar.config import MockUpstreamConfig
 from sidecar.upstreams.base import UpstreamRequest
 from sidecar.upstreams.mock import MockUpstream
 
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "hi"}]}
 PAYLOAD = orjson.dumps(BODY)
-
-
-def pinned(cpu: int, command: list[str]) -> list[str]:
-    return ["taskset", "-c", str(cpu), *command] if shutil.which("taskset") else command
 
 
 async def timed(fn: Callable[[], Awaitable[object]], calls: int) -> list[float]:
@@ -146,8 +141,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tb-") as tmp:
         up, sidecar, url, address = start_processes(Path(tmp))
         try:
-            if shutil.which("taskset"):
-                os.sched_setaffinity(0, {1})
+            pin_self(1)
             asyncio.run(measure(url, address, args.calls, args.rounds))
         finally:
             sidecar.send_signal(signal.SIGTERM)

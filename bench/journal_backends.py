@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import os
 import shutil
 import signal
 import statistics
@@ -42,7 +41,8 @@ import yaml
 from psycopg.conninfo import make_conninfo
 
 import tether
-from bench.core_latency import PAYLOAD, pinned, row, throughput, timed
+from bench.core_latency import PAYLOAD, row, throughput, timed
+from bench.procs import pin_self, pinned
 
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
 UPSTREAMS = {"mock": {"kind": "model", "type": "mock"}, "tool": {"kind": "tool", "type": "mock"}}
@@ -147,8 +147,7 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         addresses = serve(directory, journals, procs)
-        if shutil.which("taskset"):
-            os.sched_setaffinity(0, {1})
+        pin_self(1)
         asyncio.run(floor(journals["postgres"]["dsn"]))
         asyncio.run(measure(addresses, args.calls, args.rounds))
     finally:

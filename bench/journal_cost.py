@@ -17,35 +17,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import yaml
 
 import tether
-from bench.core_latency import PAYLOAD, pinned, row, throughput, timed
-
-
-def fsync_cost_us(directory: Path, samples: int = 200) -> float:
-    path = directory / "fsync-probe"
-    with open(path, "wb") as handle:
-        costs = []
-        for _ in range(samples):
-            handle.write(b"x" * 512)
-            handle.flush()
-            start = time.perf_counter()
-            os.fsync(handle.fileno())
-            costs.append((time.perf_counter() - start) * 1e6)
-    path.unlink()
-    return statistics.median(costs)
+from bench.core_latency import PAYLOAD, row, throughput, timed
+from bench.machine import fsync_ms
+from bench.procs import pin_self, pinned
 
 
 def start_sidecar(
@@ -101,14 +86,14 @@ def main() -> int:
     args = parser.parse_args()
     directory = Path(args.dir or tempfile.mkdtemp(prefix="tj-"))
     directory.mkdir(parents=True, exist_ok=True)
-    print(f"fsync of a 512-byte write on {directory}: median {fsync_cost_us(directory):.0f} µs\n")
+    fsync_us = fsync_ms(directory)["p50"] * 1000
+    print(f"fsync of a 512-byte write on {directory}: median {fsync_us:.0f} µs\n")
     procs = []
     try:
         full_proc, full = start_sidecar(directory, "full", "full")
         normal_proc, normal = start_sidecar(directory, "normal", "normal")
         procs = [full_proc, normal_proc]
-        if shutil.which("taskset"):
-            os.sched_setaffinity(0, {1})
+        pin_self(1)
         asyncio.run(measure(full, normal, args.calls, args.rounds))
     finally:
         for proc in procs:

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +35,7 @@ import redis.asyncio
 import yaml
 
 import tether
+from bench.procs import free_port, pin_self, pinned
 
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
 PAYLOAD = orjson.dumps(BODY)
@@ -46,17 +44,6 @@ POLICIES = {
     "rate_limit": {"requests_per_s": 1_000_000, "tokens_per_min": 1_000_000_000},
     "breaker": {"fail_max": 5},
 }
-
-
-def pinned(cpu: int, command: list[str]) -> list[str]:
-    return ["taskset", "-c", str(cpu), *command] if shutil.which("taskset") else command
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def start(
@@ -193,8 +180,7 @@ def main() -> int:
             for name, state in states.items():
                 proc, addresses[name] = start(Path(tmp), name, state, metrics[name])
                 procs.append(proc)
-            if shutil.which("taskset"):
-                os.sched_setaffinity(0, {1})
+            pin_self(1)
             asyncio.run(measure(addresses, args.redis, args.calls, args.rounds))
             print(f"store incidents during the run: {incidents(metrics['redis'])}")
         finally:
