@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace.export import (
 
 from sidecar import __version__
 from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.spans import LightTracer
 
 log = logging.getLogger("tether.sidecar.telemetry")
 
@@ -169,7 +170,10 @@ class Tracing:
         counted = CountingExporter(exporter or make_exporter(), drops)
         self.processor = CountingBatchProcessor(counted, drops)
         self.provider.add_span_processor(self.processor)
-        self.tracer = self.provider.get_tracer("tether.sidecar", __version__)
+        # The SDK's tracer names the scope; LightTracer makes the spans (sidecar.telemetry.spans).
+        self.tracer = LightTracer(
+            self.provider, self.provider.get_tracer("tether.sidecar", __version__)
+        )
         logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
 
     def shutdown(self, timeout_s: float = 3.0) -> None:
