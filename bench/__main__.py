@@ -2,12 +2,14 @@
 
 In one process tree and one run it starts an instant mock OpenAI upstream, a counting OTLP
 trace receiver, Tether sidecars (one per variant: policies and telemetry on, journal off /
-FULL / NORMAL, and a bare one) and, with `--with-litellm`, the LiteLLM proxy; then it
+FULL / NORMAL, and a bare one), the transport floor (`bench.floor`: bare gRPC and HTTP
+proxies without Tether logic) and, with `--with-litellm`, the LiteLLM proxy; then it
 calls the upstream directly, through the sidecar's gRPC path (SDK) and HTTP front
-(aiohttp), and through LiteLLM, side by side in alternating rounds, with the proxies pinned
-to CPU 0 and everything else to CPU 1. It prints the tables and the targets (PASS/MISS),
-writes `results.json` and `latency.png` (full mode: in `bench/`, with the section of
-`bench/RESULTS.md` replaced; quick mode: in `bench/out/`, RESULTS.md untouched).
+(aiohttp), through the floor and through LiteLLM, side by side in alternating rounds, with
+the proxies pinned to CPU 0 and everything else to CPU 1. It prints the tables and the
+targets (PASS/MISS), writes `results.json` and `latency.png` (full mode: in `bench/`, with
+the section of `bench/RESULTS.md` replaced; quick mode: in `bench/out/`, RESULTS.md
+untouched).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import tether
 from bench import litellm, machine, report, systems
 from bench.load import Keys, grpc_call, http_session
-from bench.plan import JOURNAL_FULL, LITELLM, Plan, Variant, make_plan
+from bench.plan import FLOOR, JOURNAL_FULL, LITELLM, Plan, Variant, make_plan
 from bench.plot import plot
 from bench.procs import LOAD_CPU, Child, can_pin, pin_self
 from bench.profile import record
@@ -75,8 +77,19 @@ def setup_text(plan: Plan, spans: int) -> str:
         f"OTLP/gRPC receiver ({spans:,} spans received); the `bare` variant has neither. gRPC "
         "over a unix socket with the SDK's AsyncClient; HTTP with one aiohttp client for "
         "direct, the sidecar's front and LiteLLM alike."
+        + (f" {FLOOR_SETUP}" if plan.floor else "")
         + (f" {litellm.SETUP}" if plan.with_litellm else "")
     )
+
+
+FLOOR_SETUP = (
+    "Transport floor: `bench.floor`, one process pinned like the sidecars, a bare grpc.aio "
+    "server (uvloop) answering the same `Sidecar/Call` and a bare aiohttp server answering "
+    "`POST /v1/chat/completions`, each forwarding the body to the mock upstream with one "
+    "shared aiohttp client and returning its bytes: no policies, journal, telemetry, auth or "
+    "JSON parsing; `floor-grpc` and `floor-http` are called with the same clients as "
+    "`tether-grpc` and `tether-http`."
+)
 
 
 async def measure(plan: Plan, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -101,6 +114,12 @@ async def measure(plan: Plan, args: argparse.Namespace, tmp: Path) -> dict[str, 
             proxies[variant.name] = proxy
             children.append(proxy.child)
             result["startup"][proxy.name] = times
+        if plan.floor:
+            proxy = await systems.start_floor(upstream_url, tmp)
+            proxies[FLOOR] = proxy
+            children.append(proxy.child)
+            result["startup"][FLOOR] = _startup([proxy])
+            print(f"started {FLOOR} in {proxy.startup_s:.2f} s", flush=True)
         if command is not None:
             proxy = await litellm.start_litellm(command, upstream_url, tmp)
             proxies[LITELLM] = proxy

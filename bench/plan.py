@@ -2,7 +2,9 @@
 
 A *system* is one way of making a call: `direct` (aiohttp to the mock upstream),
 `tether-grpc` (the SDK's AsyncClient to the sidecar), `tether-http` (aiohttp to the sidecar's
-OpenAI-compatible front), `litellm` (aiohttp to the LiteLLM proxy). A scenario runs its
+OpenAI-compatible front), `litellm` (aiohttp to the LiteLLM proxy), and the transport floor
+`floor-grpc` / `floor-http` (the same two clients to `bench.floor`, a bare gRPC and HTTP
+proxy without any Tether logic; unary calls without the journal only). A scenario runs its
 systems in alternating rounds against the sidecar *variant* it names.
 """
 
@@ -12,6 +14,11 @@ from dataclasses import dataclass, field, replace
 
 DIRECT, GRPC, HTTP, LITELLM = "direct", "tether-grpc", "tether-http", "litellm"
 TETHER_SYSTEMS = (GRPC, HTTP)
+FLOOR_GRPC, FLOOR_HTTP = "floor-grpc", "floor-http"
+FLOOR_SYSTEMS = (FLOOR_GRPC, FLOOR_HTTP)
+FLOOR = "floor"  # the name of the floor's process among the proxies
+# (floor system, the Tether system on the same transport)
+FLOOR_PAIRS = ((FLOOR_GRPC, GRPC), (FLOOR_HTTP, HTTP))
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,11 @@ class Scenario:
     stream: bool = False
     systems: tuple[str, ...] = (DIRECT, GRPC, HTTP, LITELLM)
 
+    def __post_init__(self) -> None:
+        floor = set(self.systems) & set(FLOOR_SYSTEMS)
+        if floor and (self.stream or self.variant.journal != "none"):
+            raise ValueError(f"{self.key}: the floor proxies answer unary calls without journal")
+
     @property
     def latency(self) -> bool:
         """A latency scenario (concurrency 1) rather than a throughput one."""
@@ -66,16 +78,25 @@ class Plan:
     def systems(self) -> set[str]:
         return {system for scenario in self.scenarios for system in scenario.systems}
 
+    @property
+    def floor(self) -> bool:
+        """Does a scenario call the transport floor (`bench.floor` is started)?"""
+        return bool(self.systems() & set(FLOOR_SYSTEMS))
+
+
+# The unary scenarios without the journal also measure the transport floor.
+WITH_FLOOR = (DIRECT, FLOOR_GRPC, FLOOR_HTTP, GRPC, HTTP, LITELLM)
+
 
 def _full() -> list[Scenario]:
     s, only_tether, full, normal = Scenario, (DIRECT, GRPC, HTTP), JOURNAL_FULL, JOURNAL_NORMAL
     return [
-        s("c1", "latency, c=1, unary", 1, 1500),
+        s("c1", "latency, c=1, unary", 1, 1500, systems=WITH_FLOOR),
         s("c1-bare", "latency, c=1, no policies or telemetry", 1, 1500, BARE, systems=only_tether),
         s("c1-jfull", "latency, c=1, journal FULL", 1, 1500, full, systems=only_tether),
         s("c1-jnormal", "latency, c=1, journal NORMAL", 1, 1500, normal, systems=only_tether),
         s("c1-stream", "first chunk, c=1, streaming", 1, 1000, stream=True),
-        s("c32", "throughput, c=32, unary", 32, 6000),
+        s("c32", "throughput, c=32, unary", 32, 6000, systems=WITH_FLOOR),
         s("c32-jfull", "throughput, c=32, journal FULL", 32, 6000, full, systems=only_tether),
         s("c32-jnormal", "throughput, c=32, journal NORMAL", 32, 6000, normal, systems=only_tether),
         s("c32-stream", "first chunk, c=32, streaming", 32, 3000, stream=True),
@@ -85,11 +106,12 @@ def _full() -> list[Scenario]:
 
 def _quick() -> list[Scenario]:
     s, only_tether, full = Scenario, (DIRECT, GRPC, HTTP), JOURNAL_FULL
+    with_floor = tuple(x for x in WITH_FLOOR if x != LITELLM)
     return [
-        s("c1", "latency, c=1, unary", 1, 400, systems=only_tether),
+        s("c1", "latency, c=1, unary", 1, 400, systems=with_floor),
         s("c1-jfull", "latency, c=1, journal FULL", 1, 400, full, systems=only_tether),
         s("c1-stream", "first chunk, c=1, streaming", 1, 200, stream=True, systems=only_tether),
-        s("c32", "throughput, c=32, unary", 32, 2000, systems=only_tether),
+        s("c32", "throughput, c=32, unary", 32, 2000, systems=with_floor),
         s("c32-jfull", "throughput, c=32, journal FULL", 32, 2000, full, systems=only_tether),
     ]
 

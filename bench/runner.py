@@ -16,7 +16,7 @@ import aiohttp
 
 import tether
 from bench.load import Call, Keys, Samples, grpc_call, http_call, run_load
-from bench.plan import DIRECT, GRPC, LITELLM, Plan, Scenario
+from bench.plan import DIRECT, FLOOR, FLOOR_GRPC, FLOOR_HTTP, GRPC, LITELLM, Plan, Scenario
 from bench.procs import cpu_s, peak_rss_mb, rss_mb
 from bench.systems import Proxy
 
@@ -55,9 +55,9 @@ class Runner:
     ) -> None:
         self.plan = plan
         self.upstream_url = upstream_url
-        self.proxies = proxies  # by variant name, and "litellm"
+        self.proxies = proxies  # by variant name, and "litellm" and "floor"
         self.session = session
-        self.grpc = grpc  # by variant name
+        self.grpc = grpc  # by variant name, and "floor"
 
     def target(self, scenario: Scenario, system: str) -> Target:
         stream = scenario.stream
@@ -68,7 +68,9 @@ class Runner:
             return Target(http_call(self.session, url, stream=stream), None)
         if system == GRPC:
             return Target(grpc_call(self.grpc[name], stream=stream, keys=keys), self.proxies[name])
-        proxy = self.proxies[LITELLM if system == LITELLM else name]
+        if system == FLOOR_GRPC:
+            return Target(grpc_call(self.grpc[FLOOR], stream=stream), self.proxies[FLOOR])
+        proxy = self.proxies[{LITELLM: LITELLM, FLOOR_HTTP: FLOOR}.get(system, name)]
         call = http_call(
             self.session,
             f"{proxy.http_url}/chat/completions",

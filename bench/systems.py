@@ -1,8 +1,10 @@
-"""Start and stop what the harness measures: the mock upstream, the OTLP receiver, sidecars.
+"""Start and stop what the harness measures: the mock upstream, the OTLP receiver, sidecars
+and the transport floor.
 
 Each sidecar is a real `python -m sidecar serve` process with a config file written to the
 run's temporary directory; its start-up time is measured from spawning it to the first
-model call it answered.
+model call it answered. The floor (`python -m bench.floor`) listens where a sidecar would
+(a unix socket for gRPC, 127.0.0.1 for HTTP) and is pinned to the same core.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import yaml
 
 import tether
 from bench.load import JSON, MODEL, PAYLOAD, UPSTREAM, http_session
-from bench.plan import Variant
+from bench.plan import FLOOR, Variant
 from bench.procs import LOAD_CPU, PROXY_CPU, Child, free_port, spawn, wait_line
 
 START_TIMEOUT_S = 30.0  # a sidecar; LiteLLM gets four times as long
@@ -137,6 +139,28 @@ async def start_sidecar(
     address = config["listen"]["grpc"]
     proxy = Proxy(f"tether-{variant.name}", child, f"http://127.0.0.1:{port}/v1", address)
     try:
+        proxy.startup_s = await first_grpc_call(child, address)
+        async with http_session() as session:
+            proxy.http_startup_s = await first_http_call(child, session, proxy.http_url, None)
+    except BaseException:
+        child.stop()
+        raise
+    return proxy
+
+
+async def start_floor(upstream_url: str, directory: Path) -> Proxy:
+    """Spawn the transport floor on the proxy core; wait for its `ready` line and its first
+    answered gRPC and HTTP calls."""
+    port = free_port()
+    address = f"unix:{directory}/{FLOOR}.sock"
+    command = [sys.executable, "-m", "bench.floor", "--upstream", upstream_url]
+    command += ["--grpc", address, "--http", f"127.0.0.1:{port}"]
+    child = spawn(FLOOR, command, cpu=PROXY_CPU, stdout_pipe=True, log=directory / f"{FLOOR}.log")
+    proxy = Proxy(FLOOR, child, f"http://127.0.0.1:{port}/v1", address)
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(wait_line, child), START_TIMEOUT_S)
+        if not line.startswith("ready"):
+            raise RuntimeError(f"{FLOOR} said {line!r} at start:\n{child.tail()}")
         proxy.startup_s = await first_grpc_call(child, address)
         async with http_session() as session:
             proxy.http_startup_s = await first_http_call(child, session, proxy.http_url, None)
