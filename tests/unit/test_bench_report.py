@@ -7,7 +7,7 @@ from typing import Any
 
 from bench.plan import make_plan
 from bench.profile import NATIVE_LOOP, summarize
-from bench.report import BEGIN, END, update_results_md
+from bench.report import BEGIN, END, floor_table, results_table, update_results_md
 from bench.runner import percentile
 from bench.targets import evaluate
 
@@ -43,6 +43,19 @@ def result(**extra: Any) -> dict[str, Any]:
     }
     startup = {"tether-main": {"first_call_s": 0.9}, "litellm": {"first_call_s": 7.0}}
     return {"scenarios": scenarios, "fsync_ms": {"p50": 0.2}, "startup": startup, **extra}
+
+
+def with_floor() -> dict[str, Any]:
+    """`result()` with the transport floor measured in c1 and c32."""
+    found = result()
+    for key, scenario in found["scenarios"].items():
+        scenario |= {"concurrency": 1 if key == "c1" else 32, "stream": False, "title": key}
+    c1, c32 = found["scenarios"]["c1"]["systems"], found["scenarios"]["c32"]["systems"]
+    c1 |= {"floor-grpc": row(0.5, cpu=0.15), "floor-http": row(0.45, cpu=0.1)}
+    c32 |= {"floor-grpc": row(6, 4000, cpu=0.2), "floor-http": row(5, 5000, cpu=0.09)}
+    for system in (*c1.values(), *c32.values()):
+        system |= {"calls": 100, "errors": {}}
+    return found
 
 
 def status(rows: list[dict[str, Any]], target: str, system: str) -> str:
@@ -125,3 +138,22 @@ def test_percentile_nearest_rank() -> None:
     assert percentile(values, 50) == 50
     assert percentile(values, 99) == 99
     assert percentile([3.0], 90) == 3
+
+
+def test_floor_table_next_to_tether_and_absent_from_old_runs() -> None:
+    """The transport floor's added p50 at c=1 and CPU per call at c=32 stand next to Tether's
+    on the same transport with the floor's share; a run without the floor renders none."""
+    found = with_floor()
+    table = floor_table(found)
+    assert "| gRPC | floor-grpc vs tether-grpc | +0.20 / +0.40 ms | 50% | 0.20 / 0.35 | 57% |" in (
+        table
+    )
+    assert "| HTTP | floor-http vs tether-http | +0.15 / +0.70 ms | 21% | 0.09 / 0.45 | 20% |" in (
+        table
+    )
+    assert floor_table(result()) == ""
+    # the floor is no target, and gets no LiteLLM ratio in the results table
+    assert {r["system"] for r in evaluate(found)} == {"tether-grpc", "tether-http", "tether"}
+    floor_rows = [line for line in results_table(found).splitlines() if "| floor-" in line]
+    assert len(floor_rows) == 4
+    assert all(line.split(" | ")[9] == "-" for line in floor_rows)
