@@ -112,6 +112,7 @@ INSERT_DONE = (
     "output_tokens, payload, too_large, error) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+INSERT_NEW = INSERT_DONE + " ON CONFLICT (run_id, key) DO NOTHING"
 
 
 def run_plan(conn: sqlite3.Connection, plan: Plan[T]) -> T:
@@ -322,13 +323,19 @@ class SQLiteJournal:
         """Apply `ops` in one transaction and commit once. Operations not durable are
         answered as soon as they are applied; the others after the commit. If anything
         fails (the lock, the commit, anything else) every operation not answered yet gets
-        the error: none is left waiting."""
+        the error: none is left waiting. An operation that fails is undone alone (a
+        savepoint each) when others share its transaction; alone, its transaction is."""
         results: list[Outcome] = []
+        alone = len(ops) == 1
         try:
             conn.execute("BEGIN IMMEDIATE")
             early: list[Outcome] = []
             for op in ops:
-                outcome = self._apply_one(conn, op)
+                outcome = self._apply_alone(conn, op) if alone else self._apply_one(conn, op)
+                if alone and outcome[2] is not None:
+                    conn.execute("ROLLBACK")
+                    _answer([outcome])
+                    return
                 (results if op.durable else early).append(outcome)
             _answer(early)
             committing = time.perf_counter()
@@ -349,7 +356,8 @@ class SQLiteJournal:
             results = [(op, None, exc) for op in ops]
         _answer(results)
 
-    def _apply_one(self, conn: sqlite3.Connection, op: _Op) -> Outcome:
+    @staticmethod
+    def _apply_one(conn: sqlite3.Connection, op: _Op) -> Outcome:
         conn.execute("SAVEPOINT op")
         try:
             value = op.apply(conn)
@@ -359,6 +367,15 @@ class SQLiteJournal:
             return op, None, exc
         conn.execute("RELEASE op")
         return op, value, None
+
+    @staticmethod
+    def _apply_alone(conn: sqlite3.Connection, op: _Op) -> Outcome:
+        """The only operation of its transaction: no savepoint (the caller rolls the
+        transaction back if it fails)."""
+        try:
+            return op, op.apply(conn), None
+        except Exception as exc:
+            return op, None, exc
 
     def _submit(
         self,
@@ -420,13 +437,28 @@ class SQLiteJournal:
 
     async def complete(self, entry: Entry, completion: Completion) -> None:
         """Write the outcome into the entry, inserting it if it was never begun here."""
+        new = not self.keys.may_contain(entry.run_id, entry.key)
         self.keys.add(entry.run_id, entry.key)
-        await self._submit_plan(self._complete(entry, completion, time.time()))
+        await self._submit_plan(self._complete(entry, completion, time.time(), new))
 
-    def _complete(self, e: Entry, c: Completion, now: float) -> Plan[None]:
+    def _complete(self, e: Entry, c: Completion, now: float, new: bool) -> Plan[None]:
+        """`new`: the key filter says no entry has this key (an idempotent call, never
+        begun): insert it at once, two statements; else update the entry begun, or insert
+        it. An entry of the key written meanwhile by another process on this file makes
+        the insert a no-op: the update path then runs, and the call is not counted twice."""
         values = (c.state.value, now, c.answered_by, c.upstream_status, c.attempts,
                   c.input_tokens, c.output_tokens, c.payload, c.too_large,
                   error_json(c.error))  # fmt: skip
+        self.queries.touched.entries.add(e.run_id)  # an entry no longer in doubt may go
+        if new:
+            seq = yield from self._next_seq(e.run_id, now)  # also the run's updated_at
+            inserted = yield Statement(INSERT_NEW, (e.run_id, e.key, seq, e.request_hash,
+                                                    e.upstream, e.operation, e.stream,
+                                                    c.state.value, e.started_at, now,
+                                                    *values[2:]))  # fmt: skip
+            if inserted:
+                return
+            yield Statement("UPDATE runs SET calls = calls - 1 WHERE run_id = ?", (e.run_id,))
         updated = yield Statement(COMPLETE, (*values, e.started_at, e.run_id, e.key))
         if not updated:
             seq = yield from self._next_seq(e.run_id, now)
@@ -434,7 +466,6 @@ class SQLiteJournal:
                                           e.operation, e.stream, c.state.value, e.started_at,
                                           now, *values[2:]))  # fmt: skip
         yield Statement("UPDATE runs SET updated_at = ? WHERE run_id = ?", (now, e.run_id))
-        self.queries.touched.entries.add(e.run_id)  # an entry no longer in doubt may go
 
     async def forget(self, run_id: str, key: str, *, started_at: float | None = None) -> None:
         await self._submit_plan(self.queries.forget(run_id, key, started_at), durable=False)

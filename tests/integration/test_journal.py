@@ -422,6 +422,61 @@ async def test_writer_survives_an_unexpected_error(short_tmp: Path) -> None:
         await store.close()
 
 
+def done_entry(run_id: str, key: str) -> tuple[Entry, Completion]:
+    entry = Entry(run_id, key, "h", "m", "chat", False, State.STARTED, started_at=time.time())
+    return entry, Completion(State.DONE, answered_by="m", upstream_status=200, attempts=1,
+                             payload=b"answer")  # fmt: skip
+
+
+async def test_a_new_key_written_by_another_process_is_updated_not_counted_twice(
+    short_tmp: Path,
+) -> None:
+    """A key this sidecar never saw is inserted at once; when another process on the same
+    file wrote it meanwhile, the outcome updates that entry and the run counts it once."""
+    store = SQLiteJournal(journal_config(short_tmp))
+    await store.open()
+    try:
+        await store.complete(*done_entry("r", "mine"))
+        other = sqlite3.connect(store.path)
+        _fill(other, {"shared": 1})  # entry ("shared", "k1"), seq 1, calls 1
+        other.commit()
+        other.close()
+        assert not store.may_contain("shared", "k1")
+        await store.complete(*done_entry("shared", "k1"))
+        entry = await store.get("shared", "k1")
+        summary = await store.run("shared")
+        mine = await store.get("r", "mine")
+    finally:
+        await store.close()
+    assert entry is not None and entry.payload == b"answer" and entry.answered_by == "m"
+    assert entry.seq == 1 and summary is not None and summary.calls == 1
+    assert mine is not None and mine.seq == 1 and mine.state is State.DONE
+
+
+async def test_a_failing_operation_alone_in_its_transaction_leaves_nothing(
+    short_tmp: Path,
+) -> None:
+    """An operation alone in its batch runs without a savepoint: when it fails after a
+    write, the transaction is rolled back (nothing of it stays), it gets its error, and the
+    writer goes on."""
+    store = SQLiteJournal(journal_config(short_tmp))
+    await store.open()
+
+    def half_then_fail(conn: sqlite3.Connection) -> None:
+        _fill(conn, {"half": 1})
+        raise sqlite3.IntegrityError("after a write")
+
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="after a write"):
+            await store._submit(half_then_fail)
+        assert await store.get("half", "k1") is None
+        assert await store.run("half") is None
+        await store.complete(*done_entry("r", "k"))
+        assert (await store.get("r", "k")) is not None
+    finally:
+        await store.close()
+
+
 async def test_operations_after_close_are_refused(short_tmp: Path) -> None:
     """An operation submitted while (or after) the journal closes fails instead of waiting
     forever."""
