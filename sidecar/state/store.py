@@ -15,17 +15,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
-
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from sidecar.config import Config, StateConfig, resolve_secret
 from sidecar.state.health import StoreHealth
 from sidecar.state.resp import ScriptClient
 from sidecar.state.scripts import SCRIPTS
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger("tether.sidecar.state")
 
@@ -207,6 +206,11 @@ class StateStore:
 
 
 def _client(url: str, timeout_s: float) -> Redis:
+    """redis-py's client (imported here: a sidecar without shared state never loads it)."""
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
     return Redis.from_url(
         url,
         socket_timeout=timeout_s,
