@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from opentelemetry import trace
@@ -59,6 +59,41 @@ def make_exporter() -> SpanExporter:
     from sidecar.telemetry.otlp import FastOTLPSpanExporter  # the SDK's, encoding faster
 
     return FastOTLPSpanExporter()
+
+
+class LazyExporter(SpanExporter):
+    """Builds its exporter at the first export, on the export thread: importing and setting
+    up the OTLP exporter (~40 ms of CPU: it loads the SDK's metrics and logs packages and the
+    protobuf messages) stays off the sidecar's start-up (issue 8). A failure to build it is
+    logged once, as an error, and every batch is then refused (counted as dropped)."""
+
+    def __init__(self, build: Callable[[], SpanExporter]) -> None:
+        self._build = build
+        self._inner: SpanExporter | None = None
+        self._failed = False
+        self._lock = threading.Lock()
+
+    def _exporter(self) -> SpanExporter | None:
+        with self._lock:
+            if self._inner is None and not self._failed:
+                try:
+                    self._inner = self._build()
+                except Exception as exc:
+                    self._failed = True
+                    log.error("telemetry: the span exporter could not be set up (%s); spans "
+                              "are dropped", exc)  # fmt: skip
+            return self._inner
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        inner = self._exporter()
+        return inner.export(spans) if inner is not None else SpanExportResult.FAILURE
+
+    def shutdown(self) -> None:
+        if self._inner is not None:
+            self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis) if self._inner is not None else True
 
 
 class _Drops:
@@ -167,7 +202,7 @@ class Tracing:
         # SDK's exit hook would wait up to 30 s for an export stuck on a hanging collector.
         self.provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         drops = _Drops(metrics)
-        counted = CountingExporter(exporter or make_exporter(), drops)
+        counted = CountingExporter(exporter or LazyExporter(make_exporter), drops)
         self.processor = CountingBatchProcessor(counted, drops)
         self.provider.add_span_processor(self.processor)
         # The SDK's tracer names the scope; LightTracer makes the spans (sidecar.telemetry.spans).
