@@ -25,7 +25,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.attributes import _clean_attribute_value  # the SDK's own rule
 from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.trace.sampling import DEFAULT_ON, Decision
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
@@ -64,6 +64,9 @@ class LightTracer(trace.Tracer):
         self.processor = provider._active_span_processor  # every processor on the provider
         self.scope = getattr(sdk_tracer, "_instrumentation_scope", None)
         self._random_ids = bool(_RANDOM) and self.ids.is_trace_id_random()
+        # The SDK's default sampler (no OTEL_TRACES_SAMPLER): decided here as it decides,
+        # without its SamplingResult per span.
+        self._parent_or_on = self.sampler is DEFAULT_ON
 
     def start_span(self, name: str, context: Any = None, kind: SpanKind = SpanKind.INTERNAL,
                    attributes: Any = None, links: Any = (), start_time: int | None = None,
@@ -77,15 +80,22 @@ class LightTracer(trace.Tracer):
         else:
             trace_id = parent.trace_id
             random = bool(parent.trace_flags & _RANDOM)
-        result = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
-        flags = _SAMPLED if result.decision is Decision.RECORD_AND_SAMPLE else _NOT_SAMPLED
+        if self._parent_or_on:  # ParentBased(ALWAYS_ON): the parent's decision, else yes
+            decision = Decision.DROP
+            if parent is None or parent.trace_flags.sampled:
+                decision = Decision.RECORD_AND_SAMPLE
+            state = parent.trace_state if parent is not None else None
+        else:
+            result = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
+            decision, state, attributes = result.decision, result.trace_state, result.attributes
+        flags = _SAMPLED if decision is Decision.RECORD_AND_SAMPLE else _NOT_SAMPLED
         if random:
             flags = TraceFlags(flags | _RANDOM)
         span_context = SpanContext(trace_id, self.ids.generate_span_id(), is_remote=False,
-                                   trace_flags=flags, trace_state=result.trace_state)  # fmt: skip
-        if result.decision is Decision.DROP:
+                                   trace_flags=flags, trace_state=state)  # fmt: skip
+        if decision is Decision.DROP:
             return trace.NonRecordingSpan(span_context)
-        span = LightSpan(self, name, span_context, parent, kind, _cleaned(result.attributes),
+        span = LightSpan(self, name, span_context, parent, kind, _cleaned(attributes),
                          start_time)  # fmt: skip
         if links:
             span.links = tuple(links)

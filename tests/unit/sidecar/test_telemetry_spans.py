@@ -148,3 +148,25 @@ def test_record_exception_is_an_exception_event() -> None:
     assert event.attributes["exception.message"] == "bad"
     assert "raise ValueError" in str(event.attributes["exception.stacktrace"])
     assert event.attributes["extra"] == 1
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+@pytest.mark.parametrize("sampler", [None, ParentBased(TraceIdRatioBased(1.0))])
+def test_the_default_sampler_decides_as_the_sdk(sampled: bool, sampler: Any) -> None:
+    """The default sampler (decided without the SDK's SamplingResult) and any other give
+    the SDK's decision, trace state and attributes under a remote parent and at the root."""
+    sdk, light, out = tracers(sampler)
+    flags = trace.TraceFlags(trace.TraceFlags.SAMPLED if sampled else trace.TraceFlags.DEFAULT)
+    remote = trace.SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=flags,
+                               trace_state=trace.TraceState([("vendor", "x")]))  # fmt: skip
+    parent = trace.set_span_in_context(trace.NonRecordingSpan(remote))
+    for context in (parent, None):
+        made = [t.start_span("s", context=context, attributes={"a": [1]}) for t in (sdk, light)]
+        got = [(s.is_recording(), s.get_span_context().trace_flags.sampled,
+                s.get_span_context().trace_state) for s in made]  # fmt: skip
+        assert got[0] == got[1]
+        for span in made:
+            span.end()
+    finished = out.get_finished_spans()
+    assert len(finished) == (4 if sampled else 2)
+    assert all(dict(s.attributes or {}) == {"a": (1,)} for s in finished)
