@@ -194,6 +194,9 @@ class JournalConfig(StrictModel):
     path: str = DEFAULT_JOURNAL_PATH  # sqlite: the database file
     # full: a commit survives power loss (fsync per group commit); normal: process crashes only
     synchronous: Literal["full", "normal"] = "full"
+    # sqlite: how long a commit waits for the outcomes of other journaled calls in flight
+    # (group commit under load, as PostgreSQL's commit_delay; 0: never waits)
+    commit_delay_s: float = Field(0.0005, ge=0, le=0.05)
     max_entry_bytes: int = Field(DEFAULT_MAX_ENTRY_BYTES, gt=0)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     # postgres: the libpq connection string, in the file or (with a password) in a variable

@@ -145,6 +145,8 @@ class Recorder:
         # callers (an Entry), or None: claim the key again.
         self._running: dict[Key, asyncio.Future[Entry | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        if hasattr(store, "siblings"):  # SQLite's writer waits for them to group commits
+            store.siblings = self._running.__len__
 
     def running_keys(self, run_id: str) -> set[str]:
         """Keys of `run_id` executing in this process now."""

@@ -190,6 +190,8 @@ class SQLiteJournal:
         self.ops = 0
         self.observe_commit: Callable[[float, bool], None] | None = None
         self.observe_store: Callable[[str], None] | None = None
+        # How many journaled calls are in flight (set by the Recorder; read by the writer).
+        self.siblings: Callable[[], int] | None = None
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -290,19 +292,45 @@ class SQLiteJournal:
     # -- the writer thread -------------------------------------------------------------
 
     def _take_batch(self) -> tuple[list[_Op], bool]:
+        """The operations queued now; more (up to `commit_delay_s`) while other journaled
+        calls are in flight that have not queued theirs yet (group commit under load: one
+        commit then serves them all, where they would each pay one)."""
         first = self._queue.get()
         if first is None:
             return [], False
         ops = [first]
-        while len(ops) < MAX_BATCH:
+        more = self._drain(ops)
+        delay = self.config.commit_delay_s
+        siblings = self.siblings
+        if not more or delay <= 0 or siblings is None or siblings() <= len(ops):
+            return ops, more
+        deadline = time.monotonic() + delay
+        while len(ops) < MAX_BATCH and siblings() > len(ops):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             try:
-                op = self._queue.get_nowait()
+                op = self._queue.get(timeout=left)
             except queue.Empty:
                 break
             if op is None:
                 return ops, False
             ops.append(op)
+            if not self._drain(ops):
+                return ops, False
         return ops, True
+
+    def _drain(self, ops: list[_Op]) -> bool:
+        """Add what is queued now to `ops` (up to MAX_BATCH); False once the end is met."""
+        while len(ops) < MAX_BATCH:
+            try:
+                op = self._queue.get_nowait()
+            except queue.Empty:
+                return True
+            if op is None:
+                return False
+            ops.append(op)
+        return True
 
     def _serve_batch(self, conn: sqlite3.Connection, ops: list[_Op]) -> None:
         batch = [op for op in ops if not op.standalone]

@@ -477,6 +477,42 @@ async def test_a_failing_operation_alone_in_its_transaction_leaves_nothing(
         await store.close()
 
 
+async def test_commits_wait_for_the_calls_in_flight_and_only_for_them(short_tmp: Path) -> None:
+    """Group commit under load: while other journaled calls are in flight (`siblings`), a
+    commit waits up to `commit_delay_s` for their outcomes, so one commit serves many; with
+    none in flight it does not wait at all, and it never waits longer than the delay."""
+    config = journal_config(short_tmp).model_copy(update={"commit_delay_s": 0.2})
+    store = SQLiteJournal(config)
+    await store.open()
+    in_flight = [0]
+    store.siblings = lambda: in_flight[0]
+    try:
+        started = time.monotonic()
+        await store.complete(*done_entry("r", "alone"))  # nobody else in flight: no wait
+        alone_s = time.monotonic() - started
+        commits = store.commits
+        in_flight[0] = 8
+
+        # 8 calls in flight finishing a little apart: they share commits
+        async def finish(n: int) -> None:
+            await asyncio.sleep(n * 0.005)
+            await store.complete(*done_entry("r", f"k{n}"))
+
+        started = time.monotonic()
+        await asyncio.gather(*(finish(n) for n in range(8)))
+        grouped_s = time.monotonic() - started
+        grouped = store.commits - commits
+        in_flight[0] = 5  # others in flight that never finish: the delay bounds the wait
+        started = time.monotonic()
+        await store.complete(*done_entry("r", "bounded"))
+        bounded_s = time.monotonic() - started
+    finally:
+        await store.close()
+    assert alone_s < 0.15, alone_s
+    assert grouped <= 2 and grouped_s < 1.0, (grouped, grouped_s)
+    assert 0.19 <= bounded_s < 1.5, bounded_s
+
+
 async def test_operations_after_close_are_refused(short_tmp: Path) -> None:
     """An operation submitted while (or after) the journal closes fails instead of waiting
     forever."""

@@ -286,6 +286,8 @@ def test_fallbacks_take_the_same_request_shape() -> None:
         ("journal", {"backend": "postgres"}, "needs exactly one of dsn or dsn_env"),
         ("journal", {"backend": "postgres", "dsn": "x", "dsn_env": "Y"}, "exactly one of dsn"),
         ("journal", {"pool_min": 9, "pool_max": 2}, "pool_min is larger than pool_max"),
+        ("journal", {"commit_delay_s": -1}, "journal.commit_delay_s: Input should be greater"),
+        ("journal", {"commit_delay_s": 1}, "journal.commit_delay_s: Input should be less"),
         ("state", {"backend": "redis"}, "needs exactly one of url or url_env"),
         ("state", {"backend": "redis", "url": "http://x"}, "url must start with redis://"),
         ("state", {"replicas": 0}, "state.replicas: Input should be greater than or equal to 1"),
