@@ -6,8 +6,8 @@ anything of its own (issue 8's profile). The spans of one sidecar repeat themsel
 resource and scope in every batch and mostly the same attribute pairs (operation, provider,
 upstream, model, server). This module writes the same `ExportTraceServiceRequest` bytes, with
 the encoding of each `(key, value)` pair of a plain value cached, and the resource and scope
-encoded once. `encode_spans` parses those bytes back into the request object (upb, in C) so
-the SDK exporter sends it as before, with its retries, headers and compression.
+encoded once. The exporter sends those bytes as they are, through the SDK exporter's channel,
+with its retries, headers and compression.
 
 The result equals the SDK encoder's message for message (a test compares them on every kind
 of value); anything this encoder does not expect falls back to the SDK's own encoder.
@@ -22,7 +22,7 @@ from typing import Any
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
@@ -38,6 +38,7 @@ _FIXED32 = struct.Struct("<I").pack
 _DOUBLE = struct.Struct("<d").pack
 _CACHED_VALUE_CHARS = 128  # longer values (prompts, ids) are encoded each time
 _CACHE_MAX = 4096  # pairs; the cache starts again when full
+EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 
 def _varint(n: int) -> bytes:
@@ -207,19 +208,34 @@ class SpanEncoder:
         return b"".join(out)
 
 
+class _RawTraceStub:
+    """The trace service's Export, sent as the bytes `SpanEncoder` wrote (no request object
+    built from them, then serialized again) and its answer parsed as the SDK's stub does."""
+
+    def __init__(self, channel: Any) -> None:
+        self.Export = channel.unary_unary(
+            EXPORT_METHOD,
+            request_serializer=None,  # the request is its own wire form
+            response_deserializer=ExportTraceServiceResponse.FromString,
+        )
+
+
 class FastOTLPSpanExporter(OTLPSpanExporter):
-    """The SDK's OTLP/gRPC span exporter with `SpanEncoder` as its encoder (the SDK's own
-    encoder for a batch this one cannot encode)."""
+    """The SDK's OTLP/gRPC span exporter (its channel, retries, headers, compression and
+    timeouts) with `SpanEncoder` as its encoder, sending the encoded bytes as they are (the
+    SDK's own encoder for a batch this one cannot encode)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._encoder = SpanEncoder()
+        self._stub = _RawTraceStub  # also when the SDK makes a new channel to reconnect
+        self._client = _RawTraceStub(self._channel)  # type: ignore[assignment]
 
-    def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
+    def _translate_data(self, data: Sequence[ReadableSpan]) -> bytes:  # type: ignore[override]
         try:
-            return ExportTraceServiceRequest.FromString(self._encoder.encode(data))
+            return self._encoder.encode(data)
         except SdkEncodes:
-            return sdk_encode(data)
+            return bytes(sdk_encode(data).SerializeToString())
         except Exception as exc:
             log.debug("fast span encoder: %r; the SDK's encoder takes this batch", exc)
-            return sdk_encode(data)
+            return bytes(sdk_encode(data).SerializeToString())
