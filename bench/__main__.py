@@ -70,13 +70,16 @@ def setup_text(plan: Plan, spans: int) -> str:
     pinning = "proxies pinned to CPU 0; harness, load generator, mock upstream and OTLP "
     pinning += "receiver to CPU 1" if can_pin() else "(no pinning: fewer than 2 cores)"
     return (
-        f"Setup: {pinning}. Upstream: `bench.upstream_server` (aiohttp, instant answers). "
+        f"Setup: {pinning}. Upstream: `bench.upstream_server` (a bare asyncio HTTP/1.1 "
+        "server, instant prebuilt answers). The project is byte-compiled first, as a wheel "
+        "install does (LiteLLM's venv is compiled by pip). "
         f"{plan.rounds} alternating rounds per scenario after a warm-up; a round stops early "
         f"after {plan.round_max_s:.0f} s (LiteLLM). Sidecars: policies on (breaker, retry, "
         "rate limit at 1M/s, bulkhead of 512) and every call traced and exported to a real "
         f"OTLP/gRPC receiver ({spans:,} spans received); the `bare` variant has neither. gRPC "
-        "over a unix socket with the SDK's AsyncClient; HTTP with one aiohttp client for "
-        "direct, the sidecar's front and LiteLLM alike."
+        "over a unix socket with the SDK's AsyncClient; HTTP with the harness's keep-alive "
+        "HTTP/1.1 client (`bench.load.HttpClient`) for direct, the sidecar's front and "
+        "LiteLLM alike."
         + (f" {FLOOR_SETUP}" if plan.floor else "")
         + (f" {litellm.SETUP}" if plan.with_litellm else "")
     )
@@ -233,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": machine.versions(),
         "code": machine.code_under_test(),
     }
+    result["compiled_files"] = machine.compile_project(HERE.parent)
     with tempfile.TemporaryDirectory(prefix="tb-", dir="/tmp") as tmp:
         result |= _run_loop(measure(plan, args, Path(tmp)))
     result["machine"]["load_average_end"] = machine.load_average()
