@@ -139,13 +139,18 @@ async def start_sidecar(
     address = config["listen"]["grpc"]
     proxy = Proxy(f"tether-{variant.name}", child, f"http://127.0.0.1:{port}/v1", address)
     try:
-        proxy.startup_s = await first_grpc_call(child, address)
-        async with http_session() as session:
-            proxy.http_startup_s = await first_http_call(child, session, proxy.http_url, None)
+        await _first_calls(proxy)
     except BaseException:
         child.stop()
         raise
     return proxy
+
+
+async def _first_calls(proxy: Proxy) -> None:
+    """Record how long `proxy` took from its spawn to its first answered gRPC and HTTP calls."""
+    proxy.startup_s = await first_grpc_call(proxy.child, proxy.grpc_address)
+    async with http_session() as session:
+        proxy.http_startup_s = await first_http_call(proxy.child, session, proxy.http_url, None)
 
 
 async def start_floor(upstream_url: str, directory: Path) -> Proxy:
@@ -161,9 +166,7 @@ async def start_floor(upstream_url: str, directory: Path) -> Proxy:
         line = await asyncio.wait_for(asyncio.to_thread(wait_line, child), START_TIMEOUT_S)
         if not line.startswith("ready"):
             raise RuntimeError(f"{FLOOR} said {line!r} at start:\n{child.tail()}")
-        proxy.startup_s = await first_grpc_call(child, address)
-        async with http_session() as session:
-            proxy.http_startup_s = await first_http_call(child, session, proxy.http_url, None)
+        await _first_calls(proxy)
     except BaseException:
         child.stop()
         raise
