@@ -30,7 +30,7 @@ JSON = {"Content-Type": "application/json"}
 MAX_CONNECTIONS = 512  # the sidecar's upstream pool in the harness
 
 
-class FloorServicer(pb_grpc.SidecarServicer):
+class FloorServicer(pb_grpc.SidecarServicer):  # type: ignore[misc]
     """Only `Call`: forward the payload, answer with the upstream's bytes."""
 
     def __init__(self, session: aiohttp.ClientSession, url: str) -> None:

@@ -520,19 +520,20 @@ def grpc_call(client: tether.AsyncClient, *, stream: bool, keys: Keys | None = N
     payload = STREAM_PAYLOAD if stream else PAYLOAD
     perf = time.perf_counter
 
-    def journal() -> dict[str, str]:
-        if keys is None:
-            return {}
-        run_id, key = keys.take()
-        return {"run_id": run_id, "idempotency_key": key}
+    def journal() -> tuple[str, str]:
+        """The call's run id and key, or none (empty: not journaled)."""
+        return keys.take() if keys is not None else ("", "")
 
     async def unary() -> float:
-        await client.model(UPSTREAM, payload, **journal())
+        run_id, key = journal()
+        await client.model(UPSTREAM, payload, run_id=run_id, idempotency_key=key)
         return perf()
 
     async def streamed() -> float:
         first = 0.0
-        async with client.stream_model(UPSTREAM, payload, **journal()) as chunks:
+        run_id, key = journal()
+        stream = client.stream_model(UPSTREAM, payload, run_id=run_id, idempotency_key=key)
+        async with stream as chunks:
             async for _ in chunks:
                 if not first:
                     first = perf()

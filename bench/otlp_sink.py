@@ -16,7 +16,7 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 
-class CountingReceiver(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+class CountingReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     """Answers every Export and counts its spans."""
 
     def __init__(self) -> None:
@@ -33,7 +33,7 @@ class CountingReceiver(trace_service_pb2_grpc.TraceServiceServicer):  # type: ig
 def main() -> None:
     receiver = CountingReceiver()
     server = grpc.server(futures.ThreadPoolExecutor(2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     stop = threading.Event()

@@ -30,7 +30,8 @@ def fmt(value: float | None, digits: int | None = None) -> str:
 
 
 def _latencies(row: dict[str, Any], stream: bool) -> dict[str, float]:
-    return row["first_chunk_ms"] if stream else row["latency_ms"]
+    found: dict[str, float] = row["first_chunk_ms"] if stream else row["latency_ms"]
+    return found
 
 
 def _versus(scenario: dict[str, Any], system: str) -> tuple[str, str]:

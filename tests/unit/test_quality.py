@@ -24,6 +24,6 @@ def test_ruff_lint_and_format() -> None:
 
 @pytest.mark.timeout(300)  # a cold, whole-tree check: over a minute on a busy 2-core machine
 def test_mypy_strict() -> None:
-    """`mypy --strict` passes on the sidecar and the SDK (generated code excluded)."""
+    """`mypy --strict` passes on the sidecar, the SDK and the harness (generated code excluded)."""
     result = run("mypy", "--cache-dir", "/dev/null")
     assert result.returncode == 0, result.stdout + result.stderr
