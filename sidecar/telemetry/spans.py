@@ -18,7 +18,7 @@ are cleaned as the SDK cleans them, and events beyond the SDK's default limit
 from __future__ import annotations
 
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from time import time_ns
 from typing import Any
 
@@ -28,6 +28,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.sampling import DEFAULT_ON, Decision
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.util._decorator import _agnosticcontextmanager
 
 MAX_EVENTS = 128  # the SDK's default OTEL_SPAN_EVENT_COUNT_LIMIT
 _PLAIN = frozenset((str, bool, int, float))
@@ -38,10 +39,9 @@ _RANDOM = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)  # the W3C level 2 flag, new
 
 
 def clean(value: Any) -> Any:
-    """`value` as a span can carry it: plain values as they are, anything else by the SDK's
-    rule (sequences as tuples, mappings copied, other objects as their text or None)."""
-    if type(value) in _PLAIN:
-        return value
+    """A value that is not plain (`_PLAIN`, kept as it is by the callers) as a span can carry
+    it, by the SDK's rule: sequences as tuples, mappings copied, other objects as their text
+    or None."""
     return _clean_attribute_value(value, None)
 
 
@@ -99,17 +99,30 @@ class LightTracer(trace.Tracer):
                          start_time)  # fmt: skip
         if links:
             span.links = tuple(links)
+        span.on_exception = (record_exception, set_status_on_exception)
         return span
 
-    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("the sidecar starts and ends its spans explicitly")
+    @_agnosticcontextmanager
+    def start_as_current_span(self, name: str, context: Any = None,
+                              kind: SpanKind = SpanKind.INTERNAL, attributes: Any = None,
+                              links: Any = (), start_time: int | None = None,
+                              record_exception: bool = True,
+                              set_status_on_exception: bool = True,
+                              end_on_exit: bool = True) -> Iterator[trace.Span]:  # fmt: skip
+        """`start_span`, made the current span for the block (as the SDK's tracer does)."""
+        span = self.start_span(name, context, kind, attributes, links, start_time)
+        on_exception = {"record_exception": record_exception,
+                        "set_status_on_exception": set_status_on_exception}  # fmt: skip
+        with trace.use_span(span, end_on_exit=end_on_exit, **on_exception) as current:
+            yield current
 
 
 class LightSpan(trace.Span):
     """A recording span with plain containers; ended once, then read-only."""
 
     __slots__ = ("_attributes", "_context", "_dropped_events", "_ended", "_events", "_kind",
-                 "_name", "_parent", "_start", "_status", "_tracer", "links")  # fmt: skip
+                 "_name", "_parent", "_start", "_status", "_tracer", "links",
+                 "on_exception")  # fmt: skip
 
     def __init__(self, tracer: LightTracer, name: str, context: SpanContext,
                  parent: SpanContext | None, kind: SpanKind, attributes: dict[str, Any],
@@ -126,6 +139,8 @@ class LightSpan(trace.Span):
         self._start = start_time or time_ns()
         self._ended = False
         self.links: tuple[Any, ...] = ()
+        # `with tracer.start_span(...)`: record an exception leaving the block, set ERROR
+        self.on_exception = (True, True)
 
     def get_span_context(self) -> SpanContext:
         return self._context
@@ -175,6 +190,17 @@ class LightSpan(trace.Span):
         if attributes:
             found.update(attributes)
         self.add_event("exception", found, timestamp)
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        """Ends the span; an exception leaving the block is recorded and sets ERROR first, as
+        the SDK's span does (each unless `start_span` was told not to)."""
+        record, set_status = self.on_exception
+        if exc is not None and not self._ended:
+            if record:
+                self.record_exception(exc, escaped=True)
+            if set_status:
+                self.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        self.end()
 
     def end(self, end_time: int | None = None) -> None:
         if self._ended:

@@ -170,3 +170,38 @@ def test_the_default_sampler_decides_as_the_sdk(sampled: bool, sampler: Any) -> 
     finished = out.get_finished_spans()
     assert len(finished) == (4 if sampled else 2)
     assert all(dict(s.attributes or {}) == {"a": (1,)} for s in finished)
+
+
+def exception_view(span: ReadableSpan) -> tuple[Any, ...]:
+    """What an exception left on a span, without the stack trace (its lines differ)."""
+    events = [(e.name, (e.attributes or {}).get("exception.type"),
+               (e.attributes or {}).get("exception.message"),
+               (e.attributes or {}).get("exception.escaped")) for e in span.events]  # fmt: skip
+    return span.name, events, span.status.status_code, span.status.description
+
+
+@pytest.mark.parametrize("record", [True, False])
+def test_a_block_left_by_an_exception_is_recorded_as_the_sdk_records_it(record: bool) -> None:
+    """`with start_span(...)` and `with start_as_current_span(...)`: the exception becomes an
+    event and an ERROR status (unless told not to), the span ends, and inside the second
+    block the span is the current one."""
+    sdk, light, out = tracers()
+    for tracer in (sdk, light):
+        with (
+            pytest.raises(ValueError),
+            tracer.start_span("plain", record_exception=record, set_status_on_exception=record),
+        ):
+            raise ValueError("bad")
+        with (
+            pytest.raises(KeyError),
+            tracer.start_as_current_span(
+                "current", record_exception=record, set_status_on_exception=record
+            ) as span,
+        ):
+            assert trace.get_current_span() is span
+            raise KeyError("k")
+    made = out.get_finished_spans()
+    assert len(made) == 4
+    assert [exception_view(s) for s in made[2:]] == [exception_view(s) for s in made[:2]]
+    assert bool(made[2].events) is record
+    assert trace.get_current_span() is trace.INVALID_SPAN
