@@ -234,8 +234,7 @@ class FastOTLPSpanExporter(OTLPSpanExporter):
     def _translate_data(self, data: Sequence[ReadableSpan]) -> bytes:  # type: ignore[override]
         try:
             return self._encoder.encode(data)
-        except SdkEncodes:
-            return bytes(sdk_encode(data).SerializeToString())
-        except Exception as exc:
-            log.debug("fast span encoder: %r; the SDK's encoder takes this batch", exc)
+        except Exception as exc:  # SdkEncodes (links) is expected; anything else is logged
+            if not isinstance(exc, SdkEncodes):
+                log.debug("fast span encoder: %r; the SDK's encoder takes this batch", exc)
             return bytes(sdk_encode(data).SerializeToString())
