@@ -32,6 +32,7 @@ from opentelemetry.sdk.trace.export import (
 from sidecar import __version__
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.spans import LightTracer
+from tether._instrument import stop_within
 
 log = logging.getLogger("tether.sidecar.telemetry")
 
@@ -172,11 +173,7 @@ class CountingBatchProcessor(BatchSpanProcessor):
     def shutdown_within(self, timeout_s: float) -> None:
         """`shutdown`, waiting at most `timeout_s` for the queued spans to leave (the SDK's
         own `shutdown` waits up to 30 s for an export stuck on a hanging collector)."""
-        worker = getattr(self, "_batch_processor", None)
-        try:
-            worker.shutdown(timeout_millis=max(0.0, timeout_s) * 1000)  # type: ignore[union-attr]
-        except (AttributeError, TypeError):  # another SDK version: its own shutdown
-            self.shutdown()  # type: ignore[no-untyped-call]
+        stop_within(self, timeout_s)
 
 
 class Tracing:

@@ -39,8 +39,9 @@ HTTP_TRACES_PATH: Final = "/v1/traces"
 SHUTDOWN_TIMEOUT_S: Final = 3.0
 
 
-def _stop(processor: BatchSpanProcessor, timeout_s: float) -> None:
-    """`processor.shutdown()`, bounded: the SDK's own waits up to 30 s for a stuck export."""
+def stop_within(processor: BatchSpanProcessor, timeout_s: float) -> None:
+    """`processor.shutdown()`, bounded: the SDK's own waits up to 30 s for a stuck export
+    (the sidecar's span processor stops through this too)."""
     worker = getattr(processor, "_batch_processor", None)
     try:
         worker.shutdown(timeout_millis=max(0.0, timeout_s) * 1000)  # type: ignore[union-attr]
@@ -88,7 +89,7 @@ class Instrumentation:
             if _installed is self:
                 _installed = None
         if self.processor is not None:
-            _stop(self.processor, timeout_s)
+            stop_within(self.processor, timeout_s)
 
     def __enter__(self) -> Instrumentation:
         return self
