@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": machine.versions(),
         "code": machine.code_under_test(),
     }
-    result["compiled_files"] = machine.compile_project(HERE.parent)
+    result["byte_compiled"] = machine.compile_project(HERE.parent)
     with tempfile.TemporaryDirectory(prefix="tb-", dir="/tmp") as tmp:
         result |= _run_loop(measure(plan, args, Path(tmp)))
     result["machine"]["load_average_end"] = machine.load_average()

@@ -50,19 +50,15 @@ def _memory_gib() -> float:
     return 0.0
 
 
-def compile_project(root: Path) -> int:
+def compile_project(root: Path) -> bool:
     """Byte-compile the code under test (the sidecar, the SDK, the floor), as installing a
     wheel does: the editable install leaves it as source, and where PYTHONDONTWRITEBYTECODE
     is set (as on this machine) every start would compile it again (~70 ms of a sidecar's
-    start-up, which LiteLLM's compiled venv does not pay). The number of files compiled."""
+    start-up, which LiteLLM's compiled venv does not pay). Whether every file compiled."""
     import compileall
 
-    count = 0
-    for package in (root / "sidecar", root / "sdk" / "python" / "tether", root / "bench"):
-        before = len(list(package.rglob("__pycache__/*.pyc")))
-        compileall.compile_dir(package, quiet=2)
-        count += len(list(package.rglob("__pycache__/*.pyc"))) - before
-    return count
+    packages = (root / "sidecar", root / "sdk" / "python" / "tether", root / "bench")
+    return all([compileall.compile_dir(package, quiet=2) for package in packages])
 
 
 def load_average() -> list[float]:
