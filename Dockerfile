@@ -7,11 +7,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
+# the lock first (its own layer): exact versions with their hashes, the build backend included
+COPY requirements/runtime.txt ./requirements/
+RUN pip install --require-hashes -r requirements/runtime.txt
 COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY sidecar ./sidecar
 COPY sdk ./sdk
-RUN pip install .
+RUN pip install --no-deps --no-build-isolation .
 
 COPY examples ./examples
 COPY deploy/tether.yaml /etc/tether/tether.yaml

@@ -14,6 +14,8 @@ import pytest
 if TYPE_CHECKING:
     from tests.postgres_support import JournalBackend
 
+pytest_plugins = ["tests.skip_policy"]
+
 REQUIRE_SERVICES = os.environ.get("TETHER_REQUIRE_SERVICES") == "1"
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -182,7 +182,7 @@ class StateStore:
             finally:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(self.timeout_s):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                        await pubsub.aclose()
 
     def _dispatch(self, data: bytes) -> None:
         parts = data.decode().split(" ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import time
@@ -14,7 +15,8 @@ from typing import Any
 
 import yaml
 
-BINARY = Path("/usr/bin/prometheus")
+# found on PATH, as .ci/run finds (or installs) it
+BINARY = shutil.which("prometheus")
 JOB = "tether"
 
 
@@ -42,7 +44,7 @@ class Prometheus:
 
     def start(self, timeout_s: float = 30) -> Prometheus:
         command = [
-            str(BINARY),
+            str(BINARY or "prometheus"),
             f"--config.file={self.directory / 'prometheus.yml'}",
             f"--storage.tsdb.path={self.directory / 'data'}",
             f"--web.listen-address=127.0.0.1:{self.port}",

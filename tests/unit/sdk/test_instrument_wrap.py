@@ -8,14 +8,13 @@ from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
+import anthropic
+import openai
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import tether
 from tether import _instrument
-
-anthropic = pytest.importorskip("anthropic")
-openai = pytest.importorskip("openai")
 
 HI = [{"role": "user", "content": "hi"}]
 MESSAGE = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
