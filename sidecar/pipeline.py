@@ -34,7 +34,7 @@ from contextlib import aclosing
 from typing import Any, TypeVar
 
 from sidecar import errors
-from sidecar.config import Config
+from sidecar.config import Config, RouteTarget, target_model
 from sidecar.policies.base import NEUTRAL, Permit, outcome_of, succeeded
 from sidecar.policies.clock import SYSTEM_CLOCK, Clock
 from sidecar.policies.deadline import Deadline
@@ -73,32 +73,52 @@ class Pipeline:
         # Shared limits and breakers (state.backend: redis): the store given, else one built
         # from the config (started and closed by the server); None: all in this process.
         self.state = state if state is not None else build_state(config)
+        self._config, self._upstreams = config, upstreams
         self.routes = {
             name: Route(name, up, config, clock, self.state) for name, up in upstreams.items()
         }
-        for route in self.routes.values():
-            route.plan = self.plan(route.name, route.fallback_names)
+        for route in list(self.routes.values()):
+            targets = [RouteTarget(upstream=name) for name in route.fallback_names]
+            route.plan = self.plan(RouteTarget(upstream=route.name), targets)
+        self.model_plans = self._model_plans(config)
 
-    def plan(self, upstream: str, fallback: list[str], context: str | None = None) -> Plan:
-        """The plan of a call to `upstream`: then `fallback` in order; `context` takes a call
+    def target(self, target: RouteTarget) -> Route:
+        """The route of `target`: its upstream's own, or the route of another model on that
+        upstream (`upstream/model`, made once, with gates of its own)."""
+        route = self.routes[target.upstream]
+        model = target_model(self._config, target)
+        if model == route.model:
+            return route
+        name = f"{target.upstream}/{model}"
+        if name not in self.routes:
+            upstream = self._upstreams[target.upstream]
+            self.routes[name] = Route(name, upstream, self._config, self.clock, self.state, model)
+            self.routes[name].plan = Plan((self.routes[name],))
+        return self.routes[name]
+
+    def plan(
+        self,
+        primary: RouteTarget,
+        fallback: list[RouteTarget],
+        context: RouteTarget | None = None,
+    ) -> Plan:
+        """The plan of a call to `primary`: then `fallback` in order; `context` takes a call
         refused as too long for the others' context windows."""
-        candidates = (self.routes[upstream], *(self.routes[name] for name in fallback))
-        return Plan(candidates, self.routes[context] if context else None)
+        candidates = (self.target(primary), *(self.target(other) for other in fallback))
+        return Plan(candidates, self.target(context) if context else None)
 
-    def model_plans(self, config: Config) -> dict[str, Plan]:
+    def _model_plans(self, config: Config) -> dict[str, Plan]:
         """Model name -> plan of the HTTP front: the configured routes (a route's own
         `fallback` list replaces its upstream's), else every callable model upstream."""
         if config.routes:
-            return {
-                model: self.plan(
-                    route.upstream,
-                    self.routes[route.upstream].fallback_names
-                    if route.fallback is None
-                    else route.fallback,
-                    route.context_fallback,
-                )
-                for model, route in config.routes.items()
-            }
+            plans = {}
+            for model, route in config.routes.items():
+                fallback = route.fallback
+                if fallback is None:
+                    names = self.routes[route.upstream].fallback_names
+                    fallback = [RouteTarget(upstream=name) for name in names]
+                plans[model] = self.plan(route.primary, fallback, route.context_fallback)
+            return plans
         return {name: self.routes[name].plan for name, spec in config.upstreams.items()
                 if spec.kind == "model" and spec.type != "guarded"}  # fmt: skip
 
@@ -224,6 +244,7 @@ class Pipeline:
         trace: CallTrace,
         fails_over: bool,
     ) -> CallResult:
+        request = route.rewrite(request)
         admission = await self.admit(route, request, deadline, trace.observer)
         route.in_flight += 1
         start = trace.attempts
@@ -372,6 +393,7 @@ class Pipeline:
         info: StreamInfo,
         fails_over: bool,
     ) -> OpenStream:
+        request = route.rewrite(request)
         admission = await self.admit(route, request, deadline, info.observer)
         if route.retrier is not None:
             route.retrier.budget.record_call()

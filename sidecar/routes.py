@@ -1,10 +1,19 @@
-"""What the pipeline works with: a route (one upstream and its gates), a call's plan (the
-routes that may take it), the permits of an admission, and what a call leaves behind
-(attempts, the observer, a stream's answering upstream and usage)."""
+"""What the pipeline works with: a route (one upstream, the model it is asked for, and its
+gates), a call's plan (the routes that may take it), the permits of an admission, and what a
+call leaves behind (attempts, the observer, a stream's answering upstream and usage).
+
+An upstream's route is named after it and asks for its `model` (or the caller's, without
+one). A route target that asks the same upstream for another model gets a route of its own,
+named `upstream/model`, with its own breaker, rate limiter and bulkhead (built from the
+upstream's policies): one model failing on a provider does not trip another one, and a
+provider's per-model rate limits are kept per model. The connection pool is shared.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import orjson
 
 from sidecar import errors
 from sidecar.config import Config
@@ -15,7 +24,7 @@ from sidecar.policies.gates import make_breaker, make_limiter
 from sidecar.policies.retry import Retrier
 from sidecar.state.store import StateStore
 from sidecar.telemetry.calls import NULL_OBSERVER, CallObserver
-from sidecar.upstreams.base import Upstream, UpstreamResponse, Usage
+from sidecar.upstreams.base import Upstream, UpstreamRequest, UpstreamResponse, Usage
 
 
 class Route:
@@ -28,11 +37,15 @@ class Route:
         config: Config,
         clock: Clock,
         state: StateStore | None = None,
+        model: str | None = None,
     ) -> None:
-        spec = config.upstreams[name]
+        spec = config.upstreams[upstream.name]
         policies = spec.policies
         self.name = name
         self.upstream = upstream
+        # what the provider is asked for: the route target's model, the upstream's, or None
+        # (the caller's model as sent)
+        self.model = model or spec.model
         self.attempt_timeout_s = spec.attempt_timeout_s
         # Streams: the wait for the first chunk and each gap after it (else per attempt).
         self.first_chunk_timeout_s = policies.stream.first_chunk_timeout_s or spec.attempt_timeout_s
@@ -60,6 +73,15 @@ class Route:
         self.errors = 0
         self.in_flight = 0
         self.fallbacks_used = 0
+
+    def rewrite(self, request: UpstreamRequest) -> UpstreamRequest:
+        """`request` as this route sends it: `model` set to the route's model (the payload
+        re-encoded only when the caller asked for another one)."""
+        model, body = self.model, request.body
+        if model is None or not isinstance(body, dict) or body.get("model") == model:
+            return request
+        body = {**body, "model": model}
+        return replace(request, body=body, payload=orjson.dumps(body))
 
     def gauges(self) -> dict[str, float]:
         gauges: dict[str, float] = {}

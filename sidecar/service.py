@@ -64,7 +64,7 @@ def route_status(route: Route) -> pb.UpstreamStatus:
     rejected = sum(gauges.get(f"{gate}.rejected", 0.0) for gate in ("rate_limit", "bulkhead"))
     rejected += gauges.get("breaker.rejected", 0.0)
     return pb.UpstreamStatus(
-        name=up.name,
+        name=route.name,
         kind=KIND_TO_PB[up.kind],
         type=up.type,
         breaker_state=route.breaker.state if route.breaker else "disabled",

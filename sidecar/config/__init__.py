@@ -81,6 +81,7 @@ __all__ = [
     "RetryCondition",
     "RetryPolicy",
     "RouteConfig",
+    "RouteTarget",
     "ShutdownConfig",
     "StateConfig",
     "StreamPolicy",
@@ -94,6 +95,7 @@ __all__ = [
     "resolve_secret",
     "secret_fields",
     "split_host_port",
+    "target_model",
 ]
 
 
@@ -165,17 +167,46 @@ class AuthConfig(StrictModel):
     token_env: str = Field(min_length=1)
 
 
-class RouteConfig(StrictModel):
-    """A model name of the HTTP front and the model upstream that serves it.
+class RouteTarget(StrictModel):
+    """An upstream, and the model to ask it for (null: the upstream's own `model`, else the
+    caller's). Written as a mapping, or as the upstream's name alone."""
 
-    `fallback`: the upstreams that take the call, in order, when `upstream` cannot; unset,
-    the upstream's own `policies.fallback`. `context_fallback`: a larger-context upstream
-    that takes a call the others refused as too long for their context window.
+    upstream: str = Field(min_length=1)
+    model: str | None = Field(None, min_length=1)
+
+
+def _target(value: Any) -> Any:
+    return {"upstream": value} if isinstance(value, str) else value
+
+
+class RouteConfig(StrictModel):
+    """A model name of the HTTP front, the model upstream that serves it and the model it is
+    asked for there (`model`; null: the upstream's own `model`, else the caller's).
+
+    `fallback`: the targets that take the call, in order, when `upstream` cannot (an
+    upstream's name, or `{upstream, model}`); unset, the upstream's own `policies.fallback`.
+    `context_fallback`: a larger-context target that takes a call the others refused as too
+    long for their context window.
     """
 
     upstream: str = Field(min_length=1)
-    fallback: list[str] | None = None
-    context_fallback: str | None = None
+    model: str | None = Field(None, min_length=1)
+    fallback: list[RouteTarget] | None = None
+    context_fallback: RouteTarget | None = None
+
+    @field_validator("fallback", mode="before")
+    @classmethod
+    def _fallback_targets(cls, value: Any) -> Any:
+        return [_target(item) for item in value] if isinstance(value, list) else value
+
+    @field_validator("context_fallback", mode="before")
+    @classmethod
+    def _context_target(cls, value: Any) -> Any:
+        return _target(value)
+
+    @property
+    def primary(self) -> RouteTarget:
+        return RouteTarget(upstream=self.upstream, model=self.model)
 
 
 class RetentionConfig(StrictModel):
@@ -341,19 +372,34 @@ def _target_problem(config: Config, kind: str, wire: str, other: str) -> str | N
     return None
 
 
-def _list_problems(config: Config, where: str, primary: str, others: list[str]) -> list[str]:
+def target_model(config: Config, target: RouteTarget) -> str | None:
+    """The model a target asks its upstream for (None: the caller's)."""
+    return target.model or config.upstreams[target.upstream].model
+
+
+def _list_problems(
+    config: Config, where: str, primary: RouteTarget, others: list[RouteTarget]
+) -> list[str]:
+    """Each of `others` must be another target `primary`'s calls can go to."""
     problems = []
-    spec = config.upstreams[primary]
-    seen: set[str] = set()
+    spec = config.upstreams[primary.upstream]
+    seen = [primary]
     for other in others:
-        if other == primary or other in seen:
-            problems.append(f"{where}: {other!r} is listed twice or is the upstream itself")
-        else:
-            problem = _target_problem(config, spec.kind, _wire(spec), other)
-            if problem:
-                problems.append(f"{where}: {problem}")
-        seen.add(other)
+        problem = _target_problem(config, spec.kind, _wire(spec), other.upstream)
+        if problem:
+            problems.append(f"{where}: {problem}")
+        elif any(_same(config, other, earlier) for earlier in seen):
+            model = target_model(config, other)
+            named = f"{other.upstream!r}" + (f" (model {model!r})" if model else "")
+            problems.append(f"{where}: {named} is listed twice or is the primary itself")
+        seen.append(other)
     return problems
+
+
+def _same(config: Config, one: RouteTarget, other: RouteTarget) -> bool:
+    return one.upstream == other.upstream and target_model(config, one) == target_model(
+        config, other
+    )
 
 
 def _cross_check(config: Config) -> list[str]:
@@ -361,7 +407,8 @@ def _cross_check(config: Config) -> list[str]:
     problems = []
     for name, spec in config.upstreams.items():
         where = f"upstreams.{name}.policies.fallback"
-        problems += _list_problems(config, where, name, spec.policies.fallback)
+        others = [RouteTarget(upstream=other) for other in spec.policies.fallback]
+        problems += _list_problems(config, where, RouteTarget(upstream=name), others)
     return problems + _route_problems(config)
 
 
@@ -375,10 +422,11 @@ def _route_problems(config: Config) -> list[str]:
             problems.append(f"{where}.upstream: {problem}")
             continue
         if route.fallback is not None:
-            problems += _list_problems(config, f"{where}.fallback", route.upstream, route.fallback)
+            problems += _list_problems(config, f"{where}.fallback", route.primary, route.fallback)
         if route.context_fallback is not None:
             spec = config.upstreams[route.upstream]
-            problem = _target_problem(config, "model", _wire(spec), route.context_fallback)
+            context = route.context_fallback.upstream
+            problem = _target_problem(config, "model", _wire(spec), context)
             if problem:
                 problems.append(f"{where}.context_fallback: {problem}")
     return problems

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from sidecar.config.base import CONTROL_CHARS, DEFAULT_TIMEOUT_S, HEADER_NAME, StrictModel
 from sidecar.config.policies import Policies
@@ -16,6 +16,15 @@ class _UpstreamBase(StrictModel):
     policies: Policies = Field(default_factory=Policies)
     # Whether re-sending the same request is harmless; model upstreams default to yes.
     idempotent: bool | None = None
+    # The model name this upstream's provider knows: every request it serves is sent with
+    # `model` set to it (null: the caller's model, as sent). Model upstreams only.
+    model: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _model_for_models(self) -> _UpstreamBase:
+        if self.model is not None and self.kind != "model":
+            raise ValueError("model is for model upstreams (kind: model), not tools")
+        return self
 
     @property
     def is_idempotent(self) -> bool:

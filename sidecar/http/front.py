@@ -105,7 +105,7 @@ class HttpFront:
         self.host, self.port = split_host_port(address)
         self.service = service
         # model name -> its plan: the upstream, its fallbacks, its context fallback
-        self.plans = service.pipeline.model_plans(service.config)
+        self.plans = service.pipeline.model_plans
         self._tokens = (f"Bearer {token}".encode(), token.encode()) if token else None
         self._runner: web.AppRunner | None = None
         self.app = web.Application(

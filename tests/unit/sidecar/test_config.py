@@ -10,6 +10,7 @@ from sidecar.config import (
     ConfigError,
     MockUpstreamConfig,
     OpenAIUpstreamConfig,
+    RouteTarget,
     default_config,
     load_config_text,
     parse_config,
@@ -253,6 +254,19 @@ def route_upstreams() -> dict[str, Any]:
         ({"upstream": "llm", "context_fallback": "tool"}, "context_fallback: 'tool' is a tool"),
         ({"upstream": "claude", "context_fallback": "llm"}, "takes openai requests, not anthr"),
         ({"upstream": "llm", "fallbacks": []}, "routes.gpt-4o.fallbacks: unknown key"),
+        (
+            {"upstream": "llm", "model": "m", "fallback": [{"upstream": "llm", "model": "m"}]},
+            "fallback: 'llm' (model 'm') is listed twice or is the primary itself",
+        ),
+        (
+            {"upstream": "llm", "fallback": [{"upstream": "mock", "modl": "x"}]},
+            "routes.gpt-4o.fallback.0.modl: unknown key",
+        ),
+        (
+            {"upstream": "llm", "fallback": [{"model": "x"}]},
+            "routes.gpt-4o.fallback.0.upstream: Field required",
+        ),
+        ({"upstream": "llm", "model": ""}, "routes.gpt-4o.model: String should have at least 1"),
     ],
 )
 def test_routes_must_name_model_upstreams(route: dict[str, Any], reason: str) -> None:
@@ -265,9 +279,32 @@ def test_route_fallbacks_parse() -> None:
     """Per-route fallbacks and a context fallback; the mock takes any model shape."""
     routes = {"gpt-4o": {"upstream": "llm", "fallback": ["mock"], "context_fallback": "llm-big"}}
     config = parse_config({**route_upstreams(), "routes": routes})
-    assert config.routes["gpt-4o"].fallback == ["mock"]
-    assert config.routes["gpt-4o"].context_fallback == "llm-big"
+    assert config.routes["gpt-4o"].fallback == [RouteTarget(upstream="mock")]
+    assert config.routes["gpt-4o"].context_fallback == RouteTarget(upstream="llm-big")
     assert parse_config(route_upstreams()).upstreams["claude"].type == "anthropic"
+
+
+def test_route_targets_name_models() -> None:
+    """A route asks its upstream for a model; a fallback may be another model on the same
+    upstream, written as a mapping; an upstream's `model` is the default of its targets."""
+    data = route_upstreams()
+    data["upstreams"]["llm"]["model"] = "gpt-4o"
+    routes = {"fast": {"upstream": "llm", "model": "gpt-4o-mini",
+                       "fallback": ["llm", {"upstream": "mock", "model": "m2"}],
+                       "context_fallback": {"upstream": "llm-big", "model": "gpt-4.1"}}}  # fmt: skip
+    route = parse_config({**data, "routes": routes}).routes["fast"]
+    assert route.primary == RouteTarget(upstream="llm", model="gpt-4o-mini")
+    assert route.fallback == [RouteTarget(upstream="llm"), RouteTarget(upstream="mock", model="m2")]
+    assert route.context_fallback == RouteTarget(upstream="llm-big", model="gpt-4.1")
+
+
+def test_only_model_upstreams_name_a_model() -> None:
+    """`model` on a tool upstream is an error that names the field."""
+    data = http_upstreams()
+    data["upstreams"]["tool"]["model"] = "gpt-4o"
+    assert problems_of_data(data) == [
+        "upstreams.tool: model is for model upstreams (kind: model), not tools"
+    ]
 
 
 def test_fallbacks_take_the_same_request_shape() -> None:
