@@ -222,7 +222,8 @@ class TracedCall(CallObserver):
         self._run_token: Any = None
         self._answer: _StreamAnswer | None = None
         self._labels: tuple[str, str, str, str] | None = None
-        self.model = "unknown"
+        self.model = "unknown"  # what the caller asked for
+        self.response_model = ""  # what the provider said answered (when a span read it)
         self.operation = GENAI_OPERATIONS.get(request.operation, request.operation)
         try:
             self.model = model_of(request.body)
@@ -255,16 +256,18 @@ class TracedCall(CallObserver):
             "gen_ai.operation.name": self.operation,
             "gen_ai.request.stream": self.stream,
         }
+        if self.route.upstream.kind == "model":
+            attrs["gen_ai.request.model"] = self.model
         if self.request.run_id:
             attrs["gen_ai.conversation.id"] = self.request.run_id
         if self.request.idempotency_key:
             attrs["tether.idempotency_key"] = self.request.idempotency_key
         return attrs
 
-    def _attempt_name(self, upstream: Any) -> str:
-        if upstream.kind == "tool":
-            return f"execute_tool {self.request.operation or upstream.name}"
-        return f"{self.operation or 'chat'} {self.model}"
+    def _attempt_name(self, route: Any) -> str:
+        if route.upstream.kind == "tool":
+            return f"execute_tool {self.request.operation or route.upstream.name}"
+        return f"{self.operation or 'chat'} {self._sent_model(route)}"
 
     # -- attempts ----------------------------------------------------------------------------
 
@@ -294,7 +297,7 @@ class TracedCall(CallObserver):
             if call_id:
                 attrs["gen_ai.tool.call.id"] = call_id
         else:
-            attrs["gen_ai.request.model"] = self.model
+            attrs["gen_ai.request.model"] = self._sent_model(route)
         if address:
             attrs.update({"server.address": address, "server.port": port})
         if self.request.run_id:
@@ -303,8 +306,12 @@ class TracedCall(CallObserver):
             attrs["gen_ai.input.messages"] = self.t.redact(_messages(self.request.body))
         # The call's span is the parent even when it is not the current one (attach=False).
         parent = trace.set_span_in_context(self.span)
-        return self.t.tracer.start_span(self._attempt_name(route.upstream), context=parent,
+        return self.t.tracer.start_span(self._attempt_name(route), context=parent,
                                         kind=SpanKind.CLIENT, attributes=attrs)  # fmt: skip
+
+    def _sent_model(self, route: Any) -> str:
+        """The model a route asks its provider for: its own, else the caller's."""
+        return getattr(route, "model", None) or self.model
 
     def attempt_end(self, token: Any, response: UpstreamResponse | None, exc: Any) -> None:
         span = None
@@ -331,6 +338,7 @@ class TracedCall(CallObserver):
             self._response_attributes(attrs, upstream, response)
         if self._answer is not None:
             self._answer.apply(attrs)
+            self.response_model = self._answer.model or self.response_model
         if exc is not None:
             error_type = _error_type(exc)
             attrs["error.type"] = error_type
@@ -359,6 +367,7 @@ class TracedCall(CallObserver):
             value = body.get(key)
             if isinstance(value, str) and value:
                 attrs[attr] = value
+        self.response_model = attrs.get("gen_ai.response.model", "")
         choices = body.get("choices")
         reasons = _finish_reasons(choices)
         if not reasons and isinstance(stop := body.get("stop_reason"), str) and stop:
@@ -474,15 +483,20 @@ class TracedCall(CallObserver):
         kind = route.upstream.kind
         operation = m.cap_operation(route.name, self.request.operation or "-")
         m.calls_of(route.name, kind, operation, outcome, error_type).inc()
+        answered = self.t.routes.get(answered_by) if answered_by and exc is None else None
+        answered_model = self._sent_model(answered) if answered is not None else ""
         if not replayed:
             exemplar = self._exemplar() if self._sampled else None
             labels = self._genai_labels()
-            m.duration_of(*labels, error_type).observe(elapsed, exemplar)
+            response_model = m.cap_model(route.name, answered_model) if answered_model else ""
+            m.duration_of(*labels, response_model, error_type).observe(elapsed, exemplar)
             m.overhead_of(route.name, kind).observe(self.overhead(elapsed), exemplar)
             if usage is not None:
-                self._usage(labels, usage)
+                self._usage(labels, response_model, usage, answered_model)
         if self._recording:
             attrs: dict[str, Any] = {"tether.replayed": replayed}
+            if kind == "model" and (self.response_model or answered_model):
+                attrs["gen_ai.response.model"] = self.response_model or answered_model
             if answered_by and answered_by != route.name:
                 attrs["tether.fallback_used"] = answered_by
             if exc is not None:
@@ -492,13 +506,16 @@ class TracedCall(CallObserver):
         if self.t.log_calls:
             self._log(outcome, error_type, elapsed, replayed, answered_by)
 
-    def _usage(self, labels: tuple[str, str, str, str], usage: Usage) -> None:
+    def _usage(self, labels: tuple[str, str, str, str], response_model: str, usage: Usage,
+               answered_model: str) -> None:  # fmt: skip
+        """Token histograms, and the cost at the price of what answered: the snapshot the
+        provider named, else the model it was asked for, else the caller's."""
         m = self.t.metrics
-        m.tokens_of(*labels, "input").observe(usage.input_tokens)
-        m.tokens_of(*labels, "output").observe(usage.output_tokens)
-        cost = self.t.cost(self.model, usage)
+        m.tokens_of(*labels, response_model, "input").observe(usage.input_tokens)
+        m.tokens_of(*labels, response_model, "output").observe(usage.output_tokens)
+        cost = self.t.cost(usage, self.response_model, answered_model, self.model)
         if cost:
-            m.cost_of(self.route.name, labels[2]).inc(cost)
+            m.cost_of(self.route.name, labels[2], response_model).inc(cost)
 
     def _exemplar(self) -> dict[str, str]:
         return {"trace_id": format(self.span.get_span_context().trace_id, "032x")}

@@ -52,9 +52,10 @@ class Telemetry:
             text = text.replace(secret, "***")
         return text
 
-    def cost(self, model: str, usage: Usage) -> float:
-        """Estimated US dollars for `usage` of `model` (0 without a price)."""
-        price = self.prices.get(model) or self.prices.get("*")
+    def cost(self, usage: Usage, *models: str) -> float:
+        """Estimated US dollars for `usage`, at the price of the first of `models` that has
+        one, else the `*` price (0 without either)."""
+        price = next((self.prices[m] for m in models if m in self.prices), self.prices.get("*"))
         if price is None:
             return 0.0
         return (usage.input_tokens * price.input_per_1m_usd

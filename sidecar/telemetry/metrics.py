@@ -45,6 +45,9 @@ WRITE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2, "disabled": -1}
 GENAI = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
          "tether_upstream")  # fmt: skip
+# the model that answered: the answering route's model (a fallback's, say), else the one
+# requested; empty when nothing answered
+RESPONSE_MODEL = "gen_ai_response_model"
 CALL = ("upstream", "kind", "operation")
 OTHER = "_other"
 
@@ -98,10 +101,12 @@ class Metrics:
         # GenAI semantic conventions
         self.operation_duration = Histogram(
             "gen_ai_client_operation_duration_seconds", "GenAI operation duration.",
-            (*GENAI, "error_type"), buckets=DURATION_BUCKETS, registry=r)  # fmt: skip
+            (*GENAI, RESPONSE_MODEL, "error_type"), buckets=DURATION_BUCKETS,
+            registry=r)  # fmt: skip
         self.token_usage = Histogram(
             "gen_ai_client_token_usage", "Number of input and output tokens used.",
-            (*GENAI, "gen_ai_token_type"), buckets=TOKEN_BUCKETS, registry=r)  # fmt: skip
+            (*GENAI, RESPONSE_MODEL, "gen_ai_token_type"), buckets=TOKEN_BUCKETS,
+            registry=r)  # fmt: skip
         self.time_to_first_chunk = Histogram(
             "gen_ai_client_operation_time_to_first_chunk_seconds",
             "Time from the request to the first chunk of a streamed answer.",
@@ -184,8 +189,9 @@ class Metrics:
 
         # Cost, telemetry, build
         self.cost = Counter(
-            "tether_cost_usd", "Estimated cost in US dollars from the configured price table.",
-            ("upstream", "gen_ai_request_model"), registry=r)  # fmt: skip
+            "tether_cost_usd", "Estimated cost in US dollars from the configured price table, "
+            "priced by the model that answered.",
+            ("upstream", "gen_ai_request_model", RESPONSE_MODEL), registry=r)  # fmt: skip
         self.spans_dropped = Counter(
             "tether_telemetry_spans_dropped", "Spans that could not be exported.", registry=r
         )

@@ -229,9 +229,11 @@ def test_exit_is_prompt_with_a_hanging_collector(short_tmp: Path, receiver: Otlp
 
 EXPECTED = {  # family name (OpenMetrics) -> type, labels
     "gen_ai_client_operation_duration_seconds": ("histogram", {"gen_ai_operation_name",
-        "gen_ai_provider_name", "gen_ai_request_model", "tether_upstream", "error_type"}),
+        "gen_ai_provider_name", "gen_ai_request_model", "tether_upstream",
+        "gen_ai_response_model", "error_type"}),
     "gen_ai_client_token_usage": ("histogram", {"gen_ai_operation_name", "gen_ai_provider_name",
-        "gen_ai_request_model", "tether_upstream", "gen_ai_token_type"}),
+        "gen_ai_request_model", "tether_upstream", "gen_ai_response_model",
+        "gen_ai_token_type"}),
     "gen_ai_client_operation_time_to_first_chunk_seconds": ("histogram", {
         "gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
         "tether_upstream"}),
@@ -253,7 +255,8 @@ EXPECTED = {  # family name (OpenMetrics) -> type, labels
     "tether_journal_in_doubt": ("counter", {"upstream"}),
     "tether_journal_write_seconds": ("histogram", {"durable"}),
     "tether_journal_in_doubt_entries": ("gauge", set()),
-    "tether_cost_usd": ("counter", {"upstream", "gen_ai_request_model"}),
+    "tether_cost_usd": ("counter", {"upstream", "gen_ai_request_model",
+                                    "gen_ai_response_model"}),
     "tether_telemetry_spans_dropped": ("counter", set()),
     "tether_build": ("info", {"version", "python"}),
 }  # fmt: skip

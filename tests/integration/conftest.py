@@ -10,6 +10,7 @@ import pytest
 
 from sidecar.server import SidecarServer
 from tests.integration.faults import FaultServer
+from tests.integration.otlp import OtlpReceiver
 from tests.integration.support import LoopThread, UpstreamApp, sidecar_config, start_sidecar
 
 
@@ -96,3 +97,14 @@ def sidecar(make_sidecar: SidecarFactory, upstream: UpstreamApp) -> SidecarServe
 def address(sidecar: SidecarServer) -> str:
     """The sidecar's unix socket address."""
     return sidecar.addresses[0]
+
+
+@pytest.fixture
+def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtlpReceiver]:
+    """A real OTLP receiver; sidecars made afterwards export their spans to it."""
+    server = OtlpReceiver().start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "sidecar-under-test")
+    yield server
+    server.stop()

@@ -65,17 +65,6 @@ def agent_spans() -> Iterator[AgentSpans]:
     _instrument._reset_for_tests()
 
 
-@pytest.fixture
-def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtlpReceiver]:
-    """A real OTLP receiver; sidecars made afterwards export their spans to it."""
-    server = OtlpReceiver().start()
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", server.endpoint)
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
-    monkeypatch.setenv("OTEL_SERVICE_NAME", "sidecar-under-test")
-    yield server
-    server.stop()
-
-
 # -- replay ----------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import pytest
 import tether
 from sidecar.server import SidecarServer
 from tests.integration.conftest import SidecarFactory
+from tests.integration.otlp import OtlpReceiver
 from tests.integration.provider import SNAPSHOT, Provider
 from tests.integration.support import LoopThread
 
@@ -213,3 +214,36 @@ def test_grpc_calls_are_sent_under_the_upstreams_model(
     assert result.json()["model"] == "backup-model" + SNAPSHOT
     assert result.upstream == "b" and result.attempts == 2
     assert provider.models_tried() == ["primary-model", "backup-model"]
+
+
+def test_spans_and_cost_name_the_model_asked_for_and_the_one_that_answered(
+    make_sidecar: SidecarFactory, provider: Provider, receiver: OtlpReceiver
+) -> None:
+    """After a fallback: the call's span has the caller's model as `gen_ai.request.model` and
+    the fallback's snapshot as `gen_ai.response.model`; each attempt's span names the model it
+    asked for; the cost is priced by the model that answered, and labelled with it."""
+    provider.model("gpt-4o").fail("503")
+    provider.model("gpt-4o-mini")
+    upstreams = {"openai": upstream(provider, "gpt-4o", fallback=["backup"], retry=None),
+                 "backup": upstream(provider, "gpt-4o-mini")}  # fmt: skip
+    prices = {"gpt-4o": {"input_per_1m_usd": 1e6, "output_per_1m_usd": 1e6},
+              "gpt-4o-mini": {"input_per_1m_usd": 1.0, "output_per_1m_usd": 1.0}}  # fmt: skip
+    sidecar = make_sidecar(upstreams, listen=HTTP, routes={"smart": {"upstream": "openai"}},
+                           telemetry={"prices": prices})  # fmt: skip
+    answer = client(sidecar).chat.completions.create(model="smart", messages=HI)
+    assert answer.usage is not None
+    spans = receiver.wait_for(lambda s: any(x.name == "tether.http.chat" for x in s))
+    call = next(s for s in spans if s.name == "tether.http.chat")
+    assert call.attributes["gen_ai.request.model"] == "smart"
+    assert call.attributes["gen_ai.response.model"] == "gpt-4o-mini" + SNAPSHOT
+    assert call.attributes["tether.fallback_used"] == "backup"
+    attempts = {s.name: s.attributes for s in spans if s.parent_id == call.span_id}
+    assert attempts["chat gpt-4o"]["gen_ai.request.model"] == "gpt-4o"
+    assert attempts["chat gpt-4o-mini"]["gen_ai.request.model"] == "gpt-4o-mini"
+    assert attempts["chat gpt-4o-mini"]["gen_ai.response.model"] == "gpt-4o-mini" + SNAPSHOT
+    registry = sidecar.service.telemetry.metrics.registry
+    families = [f for f in registry.collect() if f.name == "tether_cost_usd"]
+    costs = {s.labels["gen_ai_response_model"]: s.value
+             for f in families for s in f.samples if s.name.endswith("_total")}  # fmt: skip
+    tokens = answer.usage.prompt_tokens + answer.usage.completion_tokens
+    assert costs == {"gpt-4o-mini": pytest.approx(tokens / 1e6)}
