@@ -37,8 +37,9 @@ class OpenStream:
             chunk: Chunk | None = self.first
             while chunk is not None:
                 info.usage = chunk.usage or info.usage
-                info.observer.response_chunk(chunk.data)
-                yield chunk
+                if chunk.data:  # else it carried the usage alone (see upstreams.openai)
+                    info.observer.response_chunk(chunk.data)
+                    yield chunk
                 chunk = await self._next(deadline)
             outcome = succeeded(info.usage)
         except BaseException as exc:

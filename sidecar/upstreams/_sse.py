@@ -6,16 +6,19 @@ implements `_stream_request`: the URL, the payload, and a decoder, a
 callable that turns the data of one event into a `Chunk` for the caller, or returns `END`
 (the protocol's last event: the stream is complete) or `SKIP` (an event with nothing for the
 caller, such as a keep-alive ping). The decoder parses each event once and raises
-`UpstreamError` for one that breaks the protocol. A body that ends before `END` is an error,
-never a complete answer.
+`UpstreamError` for one that breaks the protocol. A body that ends cleanly before `END` is
+complete only when the decoder says the answer itself ended (`complete()`: OpenAI's
+`finish_reason` on every choice, where `data: [DONE]` may be missing); else it is an error,
+never a complete answer. An event left unterminated at the end of the body is not dispatched
+(as the SSE standard says), except the protocol's last event.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
-from typing import Final
+from typing import Final, Protocol
 
 import aiohttp
 
@@ -26,7 +29,18 @@ from sidecar.upstreams.base import Chunk, UpstreamRequest
 
 END: Final = Chunk(b"")  # the stream's last event arrived: it is complete
 SKIP: Final = Chunk(b"")  # an event that carries nothing for the caller
-Decoder = Callable[[bytes], Chunk]
+
+
+class Decoder(Protocol):
+    """The events of one stream, decoded one at a time."""
+
+    def __call__(self, event: bytes) -> Chunk:
+        """The chunk for the caller, or END or SKIP."""
+        ...
+
+    def complete(self) -> bool:
+        """Whether the answer has ended, so that a clean end of the body completes it."""
+        ...
 
 
 class SSEParser:
@@ -158,8 +172,8 @@ class StreamingUpstream(PooledUpstream, ABC):
                     if chunk is not SKIP:
                         yield chunk
         tail = parser.finish()
-        if tail is None or decode(tail) is not END:
-            raise UpstreamBadResponseError(
-                f"upstream {self.name!r}: stream ended before {self.end_event}",
-                upstream=self.name,
-            )
+        if decode.complete() or (tail is not None and decode(tail) is END):
+            return
+        raise UpstreamBadResponseError(
+            f"upstream {self.name!r}: stream ended before {self.end_event}", upstream=self.name
+        )

@@ -114,6 +114,10 @@ class _MessageEvents:
             raise up._bad("an event without a type")
         return Chunk(event)  # content blocks, and event types added later, pass as they are
 
+    def complete(self) -> bool:
+        """Only `message_stop` completes a Messages stream."""
+        return False
+
 
 class AnthropicUpstream(StreamingUpstream):
     """Anthropic's Messages API behind one pooled aiohttp session."""

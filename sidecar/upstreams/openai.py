@@ -2,7 +2,12 @@
 
 `call` forwards the caller's payload byte for byte (a `"stream": true` is turned off, since a
 unary call needs a whole answer). `stream` asks for server-sent events with usage included and
-yields each event's JSON; a stream that ends without `data: [DONE]` is an error, never success.
+yields each event's JSON. A stream is complete at `data: [DONE]`, or when the body ends
+cleanly after every choice it named ended with a `finish_reason` (providers and compatible
+servers do omit `[DONE]`); anything else is an error, never success. The usage-only last
+chunk (`choices: []`), asked for by the sidecar for its own accounting, reaches the caller
+only when the caller asked for it (`stream_options.include_usage`); otherwise it is a chunk
+with no data that carries the usage alone.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ class OpenAIUpstream(StreamingUpstream):
     supports_stream = True
     paths = _PATHS
     operations_hint = "use 'chat' or 'embeddings'"
-    end_event = "[DONE]"
+    end_event = "[DONE] or a finish_reason on every choice"
 
     def validate(self, request: UpstreamRequest) -> None:
         """InvalidRequestError for an unknown operation or a body the API would refuse."""
@@ -72,17 +77,53 @@ class OpenAIUpstream(StreamingUpstream):
 
     def _stream_request(self, request: UpstreamRequest) -> tuple[str, bytes, Decoder]:
         """`stream: true` with usage included; each SSE event's JSON until `[DONE]`."""
-        return self._url(request.operation), _streaming_payload(request.body), self._decode
+        body = request.body
+        options = body.get("stream_options") if isinstance(body, dict) else None
+        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        payload = _streaming_payload(body)
+        return self._url(request.operation), payload, _ChatEvents(self, wants_usage)
 
-    def _decode(self, event: bytes) -> Chunk:
+    def _mid_stream_error(self, error: Any) -> UpstreamUnavailableError:
+        reason = provider_message(error) or str(error)
+        return UpstreamUnavailableError(
+            f"upstream {self.name!r} failed mid-stream: {cut(redact(reason, self._secrets))}",
+            upstream=self.name,
+        )
+
+
+class _ChatEvents:
+    """The decoder of one chat stream: each event parsed once; which choices have ended."""
+
+    __slots__ = ("_ended", "_seen", "_upstream", "_wants_usage")
+
+    def __init__(self, upstream: OpenAIUpstream, wants_usage: bool) -> None:
+        self._upstream = upstream
+        self._wants_usage = wants_usage
+        self._seen: set[int] = set()  # choice indices named so far
+        self._ended: set[int] = set()  # ... and those that gave a finish_reason
+
+    def __call__(self, event: bytes) -> Chunk:
         if event == _DONE:
             return END
-        obj = self._json_object(event, 200)
+        up = self._upstream
+        obj = up._json_object(event, 200)
         error = obj.get("error")
         if error is not None:
-            reason = provider_message(error) or str(error)
-            raise UpstreamUnavailableError(
-                f"upstream {self.name!r} failed mid-stream: {cut(redact(reason, self._secrets))}",
-                upstream=self.name,
-            )
-        return Chunk(data=event, usage=Usage.from_openai(obj.get("usage")))
+            raise up._mid_stream_error(error)
+        usage = Usage.from_openai(obj.get("usage"))
+        choices = obj.get("choices")
+        if isinstance(choices, list) and choices:
+            for choice in choices:
+                if isinstance(choice, dict):
+                    index = choice.get("index", 0)
+                    index = index if isinstance(index, int) else -1
+                    self._seen.add(index)
+                    if choice.get("finish_reason"):
+                        self._ended.add(index)
+        elif usage is not None and not self._wants_usage:
+            return Chunk(b"", usage)  # the usage chunk the caller did not ask for
+        return Chunk(data=event, usage=usage)
+
+    def complete(self) -> bool:
+        """Every choice named so far (at least one) has ended with a finish_reason."""
+        return bool(self._ended) and self._ended >= self._seen

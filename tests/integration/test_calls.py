@@ -69,12 +69,17 @@ def test_sync_stream(address: str, upstream: UpstreamApp) -> None:
 
 
 async def test_async_stream(address: str) -> None:
-    """The asyncio client streams the same chunks."""
+    """The asyncio client streams the same chunks: the words, not the usage chunk the caller
+    did not ask for (its usage is in the summary); asked for, it comes last."""
     async with tether.AsyncClient(address) as client:
         stream = client.stream_model("llm", CHAT)
         chunks = [c async for c in stream]
-    assert len(chunks) == 5
-    assert stream.summary.done and stream.summary.usage.output_tokens == 4
+        assert len(chunks) == 4 and all(c["choices"] for c in chunks)
+        assert stream.summary.done and stream.summary.usage.output_tokens == 4
+        asked = {**CHAT, "stream_options": {"include_usage": True}}
+        chunks = [c async for c in client.stream_model("llm", asked)]
+    assert len(chunks) == 5 and chunks[-1] == {"choices": [], "usage": chunks[-1]["usage"]}
+    assert chunks[-1]["usage"]["completion_tokens"] == 4
 
 
 def test_run_handle_sends_run_and_keys(address: str, upstream: UpstreamApp) -> None:

@@ -94,12 +94,25 @@ def sdk_text(chunks: list[Any]) -> str:
 
 
 def test_ok_stream(make_sidecar: SidecarFactory, streams: StreamFaultServer) -> None:
-    """A healthy stream arrives whole, with usage, in one attempt."""
+    """A healthy stream arrives whole, with usage when asked for, in one attempt."""
     api = client(with_backup(make_sidecar, streams))
-    chunks = list(api.chat.completions.create(model="primary", messages=HELLO, stream=True))
+    chunks = list(api.chat.completions.create(model="primary", messages=HELLO, stream=True,
+                                              stream_options={"include_usage": True}))  # fmt: skip
     assert text_of(chunks) == TEXT
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
     assert (streams.endpoint("primary").hits, streams.endpoint("backup").hits) == (1, 0)
+
+
+def test_the_usage_chunk_comes_only_when_asked_for(
+    make_sidecar: SidecarFactory, streams: StreamFaultServer
+) -> None:
+    """Without `stream_options.include_usage` no chunk has empty `choices`: the loop of
+    OpenAI's own docs (`chunk.choices[0].delta.content`) runs to the end."""
+    api = client(with_backup(make_sidecar, streams))
+    text = ""
+    for chunk in api.chat.completions.create(model="primary", messages=HELLO, stream=True):
+        text += chunk.choices[0].delta.content or ""
+    assert text == TEXT
 
 
 def test_slow_first_chunk_fails_over(
@@ -311,7 +324,8 @@ def test_cut_mid_stream_errors(make_sidecar: SidecarFactory, streams: StreamFaul
 
 
 def test_no_done_is_an_error(make_sidecar: SidecarFactory, streams: StreamFaultServer) -> None:
-    """A stream ending without [DONE] is an error at once, even with all the words sent."""
+    """A stream ending without [DONE] and without a finish_reason is an error at once, even
+    with all the words sent (the answer never said it ended)."""
     sidecar = with_backup(make_sidecar, streams)
     streams.endpoint("primary").mode = "no_done"
     text, error, elapsed = read_to_error(client(sidecar))

@@ -291,8 +291,8 @@ async def test_caller_timeout_passes_through(server: UpstreamServer, llm: OpenAI
 
 
 async def test_stream_parses_split_sse(server: UpstreamServer, llm: OpenAIUpstream) -> None:
-    """stream() parses events split across writes, CRLF/CR endings, comments, multi-line data."""
-    final = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+    """stream() parses events split across writes, CRLF/CR endings, comments, multi-line data;
+    the usage chunk the caller did not ask for carries the usage without data."""
     parts = [
         b": keep-alive\r\n\r\n",
         b'event: message\r\nid: 1\r\nretry: 10\r\ndata: {"choices":[{"index":0,',
@@ -309,7 +309,7 @@ async def test_stream_parses_split_sse(server: UpstreamServer, llm: OpenAIUpstre
     assert [c.data for c in chunks] == [
         b'{"choices":[{"index":0,"delta":{"content":"He"}}],"usage":null}',
         b'{"choices":[{"index":0,"delta":\n{"content":"llo"}}]}',
-        orjson.dumps(final),
+        b"",
     ]
     assert [c.usage for c in chunks] == [None, None, Usage(3, 2)]
 
@@ -342,6 +342,34 @@ async def test_stream_cut_before_done_is_a_bad_response(
         async for chunk in llm.stream(request()):
             seen.append(chunk)
     assert len(seen) == 2
+
+
+def finished(index: int, reason: str = "stop") -> dict[str, Any]:
+    return {"choices": [{"index": index, "delta": {}, "finish_reason": reason}]}
+
+
+def choice(index: int, text: str) -> dict[str, Any]:
+    return {"choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]}
+
+
+async def test_stream_whose_choices_all_ended_is_complete_without_done(
+    server: UpstreamServer, llm: OpenAIUpstream
+) -> None:
+    """`n: 2`: both choices ended with a finish_reason and the body ended cleanly, without
+    [DONE]: complete, every chunk delivered."""
+    parts = [choice(0, "a"), choice(1, "b"), finished(0), finished(1, "length")]
+    server.on(CHAT_PATH, sse([event(part) for part in parts]))
+    assert len(await collect(llm)) == 4
+
+
+async def test_stream_with_a_choice_still_open_is_cut(
+    server: UpstreamServer, llm: OpenAIUpstream
+) -> None:
+    """`n: 2`: choice 0 ended, choice 1 did not, and the body ended: a cut, not success."""
+    parts = [choice(0, "a"), choice(1, "b"), finished(0)]
+    server.on(CHAT_PATH, sse([event(part) for part in parts]))
+    with pytest.raises(UpstreamBadResponseError, match=r"before \[DONE\]"):
+        await collect(llm)
 
 
 async def test_stream_reset_midway_is_unavailable(
