@@ -27,7 +27,6 @@ This module only composes the policies in `sidecar/policies/`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
@@ -92,8 +91,8 @@ class Pipeline:
         name = f"{target.upstream}/{model}"
         if name not in self.routes:
             upstream = self._upstreams[target.upstream]
-            self.routes[name] = Route(name, upstream, self._config, self.clock, self.state, model)
-            self.routes[name].plan = Plan((self.routes[name],))
+            route = Route(name, upstream, self._config, self.clock, self.state, model)
+            self.routes[name] = route
         return self.routes[name]
 
     def plan(
@@ -101,11 +100,15 @@ class Pipeline:
         primary: RouteTarget,
         fallback: list[RouteTarget],
         context: RouteTarget | None = None,
+        budget_s: float | None = None,
     ) -> Plan:
         """The plan of a call to `primary`: then `fallback` in order; `context` takes a call
-        refused as too long for the others' context windows."""
-        candidates = (self.target(primary), *(self.target(other) for other in fallback))
-        return Plan(candidates, self.target(context) if context else None)
+        refused as too long for the others' context windows; `budget_s`: the call's whole
+        budget (None: the primary upstream's `total_timeout_s`)."""
+        first = self.target(primary)
+        candidates = (first, *(self.target(other) for other in fallback))
+        budget_s = budget_s or first.total_timeout_s
+        return Plan(candidates, self.target(context) if context else None, budget_s)
 
     def _model_plans(self, config: Config) -> dict[str, Plan]:
         """Model name -> plan of the HTTP front: the configured routes (a route's own
@@ -117,12 +120,17 @@ class Pipeline:
                 if fallback is None:
                     names = self.routes[route.upstream].fallback_names
                     fallback = [RouteTarget(upstream=name) for name in names]
-                plans[model] = self.plan(route.primary, fallback, route.context_fallback)
+                plans[model] = self.plan(route.primary, fallback, route.context_fallback,
+                                         route.total_timeout_s)  # fmt: skip
             return plans
         return {name: self.routes[name].plan for name, spec in config.upstreams.items()
                 if spec.kind == "model" and spec.type != "guarded"}  # fmt: skip
 
-    def deadline(self, timeout_s: float | None) -> Deadline:
+    def deadline(self, timeout_s: float | None, budget_s: float | None = None) -> Deadline:
+        """The call's deadline: the caller's (`timeout_s`), or the plan's budget when the
+        caller set none, or the tighter of the two."""
+        if budget_s is not None and (timeout_s is None or budget_s < timeout_s):
+            timeout_s = budget_s
         return Deadline.after(self.clock, timeout_s)
 
     # -- admission, shared by proxied and guarded calls ------------------------------------
@@ -273,14 +281,14 @@ class Pipeline:
     ) -> CallResult:
         if route.retrier is not None:
             route.retrier.budget.record_call()
-        start = trace.attempts
+        start, timeouts = trace.attempts, 0
         while True:
             try:
                 response = await self._attempt(route, request, deadline, trace, start)
             except errors.UpstreamError as exc:
-                await self._before_retry(
-                    route, exc, trace.attempts - start, deadline, trace, fails_over
-                )
+                timeouts += _silent(exc)
+                tried = trace.attempts - start
+                await self._before_retry(route, exc, tried, deadline, trace, fails_over, timeouts)
                 continue
             return CallResult(response, route.name, trace.attempts - start)
 
@@ -292,18 +300,20 @@ class Pipeline:
         deadline: Deadline,
         trace: CallTrace,
         fails_over: bool,
+        timeouts: int,
     ) -> None:
         """Sleep the backoff before the next attempt, or re-raise `exc` when none is due:
         not retryable, attempts or budget spent, a Retry-After beyond `backoff_max_s`, a
         backoff past the deadline, a breaker that would refuse the next attempt, or a
-        timeout of the upstream's own when a fallback can take the call (`fails_over`)."""
+        timeout of the upstream's own (the call's `timeouts`-th) when a fallback can take
+        the call (`fails_over`) or after `timeout_retries` retries of timeouts."""
         retrier = route.retrier
         if (
             retrier is None
             or not retrier.enabled
             or attempts >= retrier.policy.max_attempts
             or not retrier.retryable(exc)
-            or (fails_over and _silent(exc))
+            or (_silent(exc) and (fails_over or timeouts > retrier.policy.timeout_retries))
         ):
             raise exc
         delay = retrier.delay_s(exc, attempts)
@@ -349,7 +359,7 @@ class Pipeline:
         span = trace.observer.attempt_start(route.name, trace.attempts)
         timeout_s, by_caller = deadline.cap(route.attempt_timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
+            async with self.clock.timeout(timeout_s):
                 response = await route.upstream.call(request)
         except TimeoutError:
             exc = timed_out(route, timeout_s, by_caller)
@@ -372,15 +382,18 @@ class Pipeline:
         deadline: Deadline,
         info: StreamInfo,
         plan: Plan | None = None,
+        opening: Deadline | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         """The chunks of the call on `route` or another route of its plan. Failures before
-        the first chunk are retried and fall back like unary calls; after it, they end the
-        stream."""
+        the first chunk are retried and fall back like unary calls, within `opening` (the
+        deadline of getting the stream flowing; else `deadline`); after it, they end the
+        stream. `deadline` bounds the whole stream."""
+        opening = opening or deadline
 
         def attempt(target: Route, fails_over: bool) -> Awaitable[OpenStream]:
-            return self._open_route(target, request, deadline, info, fails_over)
+            return self._open_route(target, request, opening, info, fails_over)
 
-        opened = await self._on_candidates(plan or route.plan, deadline, info, attempt)
+        opened = await self._on_candidates(plan or route.plan, opening, info, attempt)
         async with aclosing(opened.rest(deadline, info)) as rest:
             async for chunk in rest:
                 yield chunk
@@ -398,7 +411,7 @@ class Pipeline:
         if route.retrier is not None:
             route.retrier.budget.record_call()
         route.in_flight += 1
-        start = info.attempts
+        start, timeouts = info.attempts, 0
         try:
             while True:
                 try:
@@ -406,8 +419,10 @@ class Pipeline:
                         route, request, deadline, admission, info, start
                     )
                 except errors.UpstreamError as exc:
+                    timeouts += _silent(exc)
                     tried = info.attempts - start
-                    await self._before_retry(route, exc, tried, deadline, info, fails_over)
+                    await self._before_retry(route, exc, tried, deadline, info, fails_over,
+                                             timeouts)  # fmt: skip
         except BaseException as exc:
             route.in_flight -= 1
             route.errors += 1
@@ -441,7 +456,7 @@ class Pipeline:
         timeout_s, by_caller = deadline.cap(route.first_chunk_timeout_s)
         chunks = route.upstream.stream(request)
         try:
-            async with asyncio.timeout(timeout_s):
+            async with self.clock.timeout(timeout_s):
                 first = await anext(chunks)
         except BaseException as caught:
             exc = self._first_chunk_error(route, caught, timeout_s, by_caller)

@@ -43,6 +43,7 @@ class Route:
         policies = spec.policies
         self.name = name
         self.upstream = upstream
+        self.clock = clock
         # what the provider is asked for: the route target's model, the upstream's, or None
         # (the caller's model as sent)
         self.model = model or spec.model
@@ -51,8 +52,10 @@ class Route:
         self.first_chunk_timeout_s = policies.stream.first_chunk_timeout_s or spec.attempt_timeout_s
         self.idle_timeout_s = policies.stream.idle_timeout_s or spec.attempt_timeout_s
         self.idempotent = spec.is_idempotent
+        self.total_timeout_s = policies.total_timeout_s  # a call's whole budget
         self.fallback_names = list(policies.fallback)
-        self.plan = Plan((self,))  # itself, then its fallbacks in order (set by `Pipeline`)
+        # itself, then its fallbacks in order (set by `Pipeline`)
+        self.plan = Plan((self,), budget_s=self.total_timeout_s)
         self.limiter = (
             make_limiter(name, policies.rate_limit, clock, state) if policies.rate_limit else None
         )
@@ -94,11 +97,12 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """Which routes may take a call, in order, and the one that takes a call the others
-    refused as longer than their context window."""
+    """Which routes may take a call, in order, the one that takes a call the others refused
+    as longer than their context window, and the call's whole budget (`total_timeout_s`)."""
 
     candidates: tuple[Route, ...]
     context: Route | None = None
+    budget_s: float | None = None
 
     @property
     def journal_idempotent(self) -> bool:

@@ -239,7 +239,7 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         try:
             route, call, observed = self._prepare(request, rpc, metadata, False, body)
             plan = plan or route.plan
-            deadline = self.pipeline.deadline(timeout_s)
+            deadline = self.pipeline.deadline(timeout_s, plan.budget_s)
             if self._journaled(request):
                 response = await self._journaled_call(
                     request, route, plan, call, deadline, observed
@@ -335,9 +335,12 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
         info: StreamInfo | None = None,
         plan: Plan | None = None,
         body: Any = None,
+        open_timeout_s: float | None = None,
     ) -> AsyncGenerator[pb.StreamChunk, None]:
         """The streaming `proxy`: the chunks, then a final chunk; raises the call's error.
-        `info` (when given) shows the answering upstream and attempts as the stream runs."""
+        `info` (when given) shows the answering upstream and attempts as the stream runs.
+        `timeout_s` bounds the whole stream; the plan's budget, and `open_timeout_s` (a
+        caller's read timeout), bound getting it flowing: the first chunk."""
         info = StreamInfo() if info is None else info
         index = 0
         claim: Claim | None = None
@@ -351,6 +354,9 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
             info.observer = observed
             plan = plan or route.plan
             deadline = self.pipeline.deadline(timeout_s)
+            if open_timeout_s is not None and (timeout_s is None or open_timeout_s < timeout_s):
+                timeout_s = open_timeout_s
+            opening = self.pipeline.deadline(timeout_s, plan.budget_s)
             if self._journaled(request):
                 ident = self._ident(request, route, call.operation, stream=True)
                 claim = await self._claim(ident, route, plan, observed)
@@ -363,7 +369,7 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
                 info.observer = observed
             kept: list[bytes] | None = [] if claim is not None else None
             # aclosing: a cancelled caller releases the permits now, not when GC gets to it
-            chunks = self.pipeline.stream(route, call, deadline, info, plan)
+            chunks = self.pipeline.stream(route, call, deadline, info, plan, opening)
             async with aclosing(chunks):
                 async for chunk in chunks:
                     yield pb.StreamChunk(data=chunk.data, index=index)

@@ -4,7 +4,6 @@ releases the permits, the bulkhead slot and the tokens, and ends the attempt's s
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -64,7 +63,7 @@ class OpenStream:
         per-attempt timeout) and the deadline."""
         timeout_s, by_caller = deadline.cap(self.route.idle_timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
+            async with self.route.clock.timeout(timeout_s):
                 return await anext(self.chunks)
         except StopAsyncIteration:
             return None

@@ -28,6 +28,7 @@ from sidecar.config.base import (
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_METRICS_ADDRESS,
     DEFAULT_TIMEOUT_S,
+    DEFAULT_TOTAL_TIMEOUT_S,
     StrictModel,
     is_loopback_host,
     split_host_port,
@@ -59,6 +60,7 @@ __all__ = [
     "DEFAULT_MAX_ENTRY_BYTES",
     "DEFAULT_RETRY_ON",
     "DEFAULT_TIMEOUT_S",
+    "DEFAULT_TOTAL_TIMEOUT_S",
     "AnthropicUpstreamConfig",
     "AuthConfig",
     "BreakerPolicy",
@@ -193,6 +195,8 @@ class RouteConfig(StrictModel):
     model: str | None = Field(None, min_length=1)
     fallback: list[RouteTarget] | None = None
     context_fallback: RouteTarget | None = None
+    # the call's whole budget (null: the upstream's `policies.total_timeout_s`)
+    total_timeout_s: float | None = Field(None, gt=0)
 
     @field_validator("fallback", mode="before")
     @classmethod

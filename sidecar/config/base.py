@@ -14,6 +14,9 @@ DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_CONCURRENT_RPCS = 1024
 DEFAULT_GRACE_S = 10.0
 DEFAULT_TIMEOUT_S = 60.0
+# a call's whole budget: a silent upstream with no fallback costs one attempt and the one
+# retry of a timeout (2 x 60 s), never minutes more
+DEFAULT_TOTAL_TIMEOUT_S = 120.0
 DEFAULT_JOURNAL_PATH = "tether-journal.db"
 DEFAULT_MAX_ENTRY_BYTES = 1024 * 1024
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from sidecar.config.base import StrictModel
+from sidecar.config.base import DEFAULT_TOTAL_TIMEOUT_S, StrictModel
 
 RetryCondition = (
     Literal["unavailable", "deadline", "bad_response"] | Annotated[int, Field(ge=400, le=599)]
@@ -25,6 +25,9 @@ class RetryPolicy(StrictModel):
     backoff_max_s: float = Field(10.0, ge=0)
     jitter: Literal["full", "none"] = "full"
     retry_on: list[RetryCondition] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON))
+    # retries after an attempt the upstream let time out (a silent upstream is usually still
+    # silent); with a fallback to take the call, none: it fails over at once
+    timeout_retries: int = Field(1, ge=0, le=19)
     budget_ratio: float = Field(0.2, ge=0, le=10)
     budget_min_retries: int = Field(1, ge=0)
     budget_window_s: int = Field(10, ge=1, le=3600)
@@ -80,6 +83,9 @@ class Policies(StrictModel):
     """Per-upstream policies; `null` turns a default-on policy off."""
 
     timeout_s: float | None = Field(None, gt=0)  # per attempt; else the upstream's timeout_s
+    # the whole call: attempts, backoffs, fallbacks, a stream's recoveries; the caller's
+    # deadline when it sets none, the tighter of the two when it does (null: no budget)
+    total_timeout_s: float | None = Field(DEFAULT_TOTAL_TIMEOUT_S, gt=0)
     stream: StreamPolicy = Field(default_factory=StreamPolicy)
     retry: RetryPolicy | None = Field(default_factory=RetryPolicy)
     breaker: BreakerPolicy | None = Field(default_factory=BreakerPolicy)

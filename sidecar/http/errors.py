@@ -9,7 +9,8 @@ status (`sidecar.upstreams.anthropic.error_type`: 400 invalid_request_error, 401
 authentication_error, 404 not_found_error, 413 request_too_large, 429 rate_limit_error, 500 and
 502 api_error, 503 and 529 overloaded_error, 504 timeout_error). Anthropic's own error from an
 upstream 4xx passes unchanged, and its 529 (overloaded, after the retries) keeps its status.
-A refusal that says when to come back carries `Retry-After` in whole seconds, rounded up.
+A refusal that says when to come back carries `Retry-After` in whole seconds, rounded up; an
+error after upstream attempts says how many in `X-Tether-Attempts`.
 
 | reason (gRPC code)                          | HTTP              | type / code            |
 | ------------------------------------------- | ----------------- | ---------------------- |
@@ -137,6 +138,9 @@ def http_error(exc: BaseException) -> HttpError:
         code = _text(provider.get("code")) or code
         param = _text(provider.get("param"))
     headers = {}
+    attempts = getattr(exc, "attempts", 0)
+    if isinstance(attempts, int) and attempts > 0:
+        headers["X-Tether-Attempts"] = str(attempts)
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None and retry_after >= 0:
         headers["Retry-After"] = str(math.ceil(retry_after))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -92,6 +93,41 @@ class Prepared:
     body: dict[str, Any]
     call: pb.CallRequest
     plan: Plan
+
+
+TIMEOUT_HEADER = "X-Tether-Timeout-S"
+# what the official OpenAI and Anthropic Python clients send: their read timeout, in seconds
+# (the Anthropic client's X-Stainless-Timeout can also say NOT_GIVEN)
+READ_TIMEOUT_HEADERS = ("X-Stainless-Read-Timeout", "X-Stainless-Timeout")
+
+
+def _seconds(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 < value < math.inf else None
+
+
+def caller_timeouts(request: web.Request) -> tuple[float | None, float | None]:
+    """The caller's deadline (`X-Tether-Timeout-S`, seconds) and its client's read timeout
+    (`X-Stainless-Read-Timeout`, else `X-Stainless-Timeout`); None where not given. A
+    malformed X-Tether-Timeout-S is the caller's error; a read timeout that is not a number
+    of seconds is ignored."""
+    timeout_s = None
+    given = request.headers.get(TIMEOUT_HEADER)
+    if given is not None:
+        timeout_s = _seconds(given)
+        if timeout_s is None:
+            raise errors.InvalidRequestError(
+                f"{TIMEOUT_HEADER} must be a positive number of seconds, not {given[:40]!r}",
+                field=TIMEOUT_HEADER,
+            )
+    for name in READ_TIMEOUT_HEADERS:
+        read = request.headers.get(name)
+        if read is not None and (seconds := _seconds(read)) is not None:
+            return timeout_s, seconds
+    return timeout_s, None
 
 
 def _flag(value: bool) -> str:
@@ -212,9 +248,14 @@ class HttpFront:
         call, plan = prepared.call, prepared.plan
         rpc = f"http.{call.operation}"
         trace = {name: request.headers[name] for name in TRACE_HEADERS if name in request.headers}
+        timeout_s, read_timeout_s = caller_timeouts(request)
         if stream:
-            return await self._stream(request, prepared, rpc, trace, framing)
-        proxied = await self.service.proxy(call, rpc, trace, None, plan, prepared.body)
+            return await self._stream(request, prepared, rpc, trace, framing,
+                                      (timeout_s, read_timeout_s))  # fmt: skip
+        # a unary answer's headers come when the call is over: the client's read timeout
+        # is its deadline
+        timeout_s = timeout_s if timeout_s is not None else read_timeout_s
+        proxied = await self.service.proxy(call, rpc, trace, timeout_s, plan, prepared.body)
         answer = proxied.response
         headers = {
             "X-Tether-Upstream": answer.upstream,
@@ -231,12 +272,17 @@ class HttpFront:
         rpc: str,
         trace: dict[str, str],
         framing: Framing,
+        timeouts: tuple[float | None, float | None],
     ) -> web.StreamResponse:
         """Server-sent events; an error before the first chunk is a plain HTTP error, after
-        it an in-band error event, and the stream ends without its clean end."""
+        it an in-band error event, and the stream ends without its clean end. `timeouts`:
+        the caller's deadline of the whole stream, and its read timeout, which bounds the
+        wait for the first chunk (each later gap is the client's own to bound)."""
         info = StreamInfo()
-        chunks = self.service.proxy_stream(prepared.call, rpc, trace, None, info, prepared.plan,
-                                           prepared.body)  # fmt: skip
+        timeout_s, read_timeout_s = timeouts
+        chunks = self.service.proxy_stream(prepared.call, rpc, trace, timeout_s, info,
+                                           prepared.plan, prepared.body,
+                                           open_timeout_s=read_timeout_s)  # fmt: skip
         async with aclosing(chunks):
             first = await anext(chunks)
             headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",

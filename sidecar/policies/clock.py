@@ -1,34 +1,45 @@
-"""Time for policies: a monotonic `now()` and an awaitable `sleep()`, injectable in tests.
+"""Time for policies: a monotonic `now()`, an awaitable `sleep()` and a `timeout()` block,
+injectable in tests.
 
-Policies never call `time` or `asyncio.sleep` directly, so tests drive breakers, limiters,
-budgets and backoff with `ManualClock` and need no real sleeps.
+Policies never call `time`, `asyncio.sleep` or `asyncio.timeout` directly, so tests drive
+breakers, limiters, budgets, backoff and per-attempt timeouts with `ManualClock` and need no
+real sleeps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 
 class Clock(Protocol):
-    """Monotonic seconds and sleeping on the same time line."""
+    """Monotonic seconds, sleeping and timeouts on the same time line."""
 
     def now(self) -> float: ...
 
     async def sleep(self, seconds: float) -> None: ...
 
+    def timeout(self, seconds: float) -> contextlib.AbstractAsyncContextManager[object]:
+        """A block that raises TimeoutError when it runs longer than `seconds`."""
+        ...
+
 
 class SystemClock:
-    """The real clock: `time.monotonic` and `asyncio.sleep`."""
+    """The real clock: `time.monotonic`, `asyncio.sleep` and `asyncio.timeout`."""
 
     def now(self) -> float:
         return time.monotonic()
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+    def timeout(self, seconds: float) -> contextlib.AbstractAsyncContextManager[object]:
+        return asyncio.timeout(seconds)
 
 
 SYSTEM_CLOCK = SystemClock()
@@ -52,6 +63,23 @@ class ManualClock:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self._now + seconds, next(self._order), future))
         await future
+
+    @contextlib.asynccontextmanager
+    async def timeout(self, seconds: float) -> AsyncIterator[object]:
+        """`asyncio.timeout` on this clock: when `seconds` have been advanced through, the
+        block is cancelled and raises TimeoutError."""
+        async with asyncio.timeout(None) as block:
+            loop = asyncio.get_running_loop()
+
+            async def expire() -> None:
+                await self.sleep(seconds)
+                block.reschedule(loop.time())
+
+            timer = asyncio.ensure_future(expire())
+            try:
+                yield block
+            finally:
+                timer.cancel()
 
     @property
     def sleepers(self) -> int:

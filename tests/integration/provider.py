@@ -102,6 +102,7 @@ class Provider:
 
     models: dict[str, Model] = field(default_factory=dict)
     attempts: list[Attempt] = field(default_factory=list)
+    cancelled: int = 0  # requests whose caller went away before the answer was done
     port: int = 0
     runner: web.AppRunner | None = None
 
@@ -119,6 +120,13 @@ class Provider:
         return [a.model for a in self.attempts]
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._chat(request)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
         name, stream = body.get("model"), body.get("stream") is True
         served = self.models.get(name) if isinstance(name, str) else None

@@ -4,6 +4,7 @@ logged: attempts per model and the gaps between them."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,3 +71,123 @@ def test_a_stream_without_done_after_finish_reason_is_complete(
     assert text == answer_text("hi")
     assert models == {"primary-model" + SNAPSHOT}
     assert provider.models_tried() == ["primary-model"]
+
+
+def silent_pair(make_sidecar: SidecarFactory, provider: Provider, **policies: Any) -> Any:
+    """Only `primary` (no fallback), silent on every request."""
+    provider.model("primary-model").fail(*["silent"] * 10)
+    spec = {"kind": "model", "type": "openai", "base_url": provider.base_url,
+            "model": "primary-model", "timeout_s": 0.5, "policies": policies}  # fmt: skip
+    return make_sidecar({"primary": spec}, listen=HTTP)
+
+
+def test_a_silent_upstream_ends_in_a_clean_504_after_one_retry(
+    make_sidecar: SidecarFactory, provider: Provider
+) -> None:
+    """Default policies (a 0.5 s attempt timeout, to keep the test short): the timed-out
+    attempt is retried once, then the call ends with a 504 naming the timeout; the provider
+    saw two requests, both cancelled."""
+    sidecar = silent_pair(make_sidecar, provider)
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as caught:
+        client(sidecar).chat.completions.create(model="primary", messages=HI)
+    elapsed = time.monotonic() - started
+    assert caught.value.status_code == 504
+    assert caught.value.response.headers["X-Tether-Attempts"] == "2"
+    assert 1.0 <= elapsed < 5.0
+    assert len(provider.tried("primary-model")) == 2
+    wait_until(lambda: provider.cancelled == 2)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("header", ["x-stainless-read-timeout", "X-Tether-Timeout-S"])
+def test_the_callers_timeout_bounds_the_call(
+    make_sidecar: SidecarFactory, provider: Provider, header: str, stream: bool
+) -> None:
+    """The caller's timeout, as the official client sends it (its read timeout) or as
+    X-Tether-Timeout-S: a 0.6 s deadline ends a call (or a stream's wait for its first
+    chunk) to an upstream with a 60 s attempt timeout at 0.6 s with a 504, one attempt, the
+    upstream request cancelled."""
+    provider.model("primary-model").fail("silent")
+    spec = {"kind": "model", "type": "openai", "base_url": provider.base_url,
+            "model": "primary-model"}  # fmt: skip
+    sidecar = make_sidecar({"primary": spec}, listen=HTTP)
+    api = client(sidecar).with_options(timeout=30.0)
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as caught:
+        api.chat.completions.create(model="primary", messages=HI, stream=stream,
+                                    extra_headers={header: "0.6"})  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert caught.value.status_code == 504
+    assert 0.6 <= elapsed < 3.0
+    assert len(provider.tried("primary-model")) == 1
+    wait_until(lambda: provider.cancelled == 1)
+
+
+def test_the_official_client_sends_its_read_timeout() -> None:
+    """What the test above relies on: the openai client sends its read timeout, in seconds,
+    as x-stainless-read-timeout (and the Anthropic client too)."""
+    import anthropic
+    import httpx2  # what the clients are built on
+
+    seen: list[httpx2.Request] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request)
+        return httpx2.Response(500)
+
+    transport = httpx2.MockTransport(handler)
+    api = openai.OpenAI(api_key="k", base_url="http://x/v1", max_retries=0, timeout=7.5,
+                        http_client=httpx2.Client(transport=transport))  # fmt: skip
+    with pytest.raises(openai.APIStatusError):
+        api.chat.completions.create(model="m", messages=HI)
+    claude = anthropic.Anthropic(api_key="k", base_url="http://x", max_retries=0, timeout=8.5,
+                                 http_client=httpx2.Client(transport=transport))  # fmt: skip
+    with pytest.raises(anthropic.APIStatusError):
+        claude.messages.create(model="m", max_tokens=5, messages=HI)  # type: ignore[arg-type]
+    assert seen[0].headers["x-stainless-read-timeout"] == "7.5"
+    assert seen[1].headers["x-stainless-read-timeout"] == "8.5"
+
+
+def test_a_bad_timeout_header_is_a_clear_400(
+    make_sidecar: SidecarFactory, provider: Provider
+) -> None:
+    """X-Tether-Timeout-S that is not a positive number: a 400 naming the header, and nothing
+    reaches the provider."""
+    sidecar = pair(make_sidecar, provider)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(sidecar).chat.completions.create(
+            model="chat", messages=HI, extra_headers={"X-Tether-Timeout-S": "soon"}
+        )
+    assert "X-Tether-Timeout-S" in str(caught.value)
+    assert provider.attempts == []
+
+
+def wait_until(condition: Any, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize(("deadline_s", "budget_s"), [(0.5, 120.0), (30.0, 0.5)])
+def test_over_grpc_the_tighter_of_deadline_and_budget_wins(
+    make_sidecar: SidecarFactory, provider: Provider, deadline_s: float, budget_s: float
+) -> None:
+    """A gRPC caller's deadline under the budget, or a budget under the deadline: the call
+    to a silent upstream ends after 0.5 s with a deadline error and one attempt."""
+    import tether
+
+    provider.model("primary-model").fail("silent")
+    spec = {"kind": "model", "type": "openai", "base_url": provider.base_url,
+            "model": "primary-model", "policies": {"total_timeout_s": budget_s}}  # fmt: skip
+    sidecar = make_sidecar({"primary": spec})
+    started = time.monotonic()
+    with (
+        tether.Client(sidecar.addresses[0]) as sdk,
+        pytest.raises(tether.DeadlineExceededError),
+    ):
+        sdk.model("primary", {"model": "x", "messages": HI}, timeout_s=deadline_s)
+    assert 0.5 <= time.monotonic() - started < 3.0
+    assert len(provider.tried("primary-model")) == 1
+    wait_until(lambda: provider.cancelled == 1)

@@ -351,3 +351,40 @@ def test_routes_parse() -> None:
     """A valid route maps a model name to its upstream."""
     config = parse_config({**http_upstreams(), "routes": {"gpt-4o": {"upstream": "llm"}}})
     assert config.routes["gpt-4o"].upstream == "llm"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ({"upstreams": {"m": {"kind": "model", "type": "mock",
+                              "policies": {"total_timeout_s": 0}}}},
+         "upstreams.m.policies.total_timeout_s: Input should be greater than 0"),
+        ({"upstreams": {"m": {"kind": "model", "type": "mock",
+                              "policies": {"retry": {"timeout_retries": -1}}}}},
+         "upstreams.m.policies.retry.timeout_retries: Input should be greater than or equal"),
+        ({"upstreams": {"m": {"kind": "model", "type": "mock"}},
+          "routes": {"x": {"upstream": "m", "total_timeout_s": -5}}},
+         "routes.x.total_timeout_s: Input should be greater than 0"),
+    ],
+)  # fmt: skip
+def test_time_budgets_are_checked(data: dict[str, Any], reason: str) -> None:
+    """A call's budget and the retries of timeouts name their field when wrong."""
+    problems = problems_of_data(data)
+    assert any(problem.startswith(reason) for problem in problems), problems
+
+
+def test_a_routes_budget_overrides_its_upstreams() -> None:
+    """`routes.<model>.total_timeout_s` replaces the primary upstream's budget; `null` on
+    the upstream turns the budget off."""
+    from sidecar.pipeline import Pipeline
+    from sidecar.upstreams.registry import build_upstreams
+
+    config = parse_config({
+        "upstreams": {"m": {"kind": "model", "type": "mock", "policies": {"total_timeout_s": 30}},
+                      "n": {"kind": "model", "type": "mock", "policies": {"total_timeout_s": None}}},
+        "routes": {"fast": {"upstream": "m", "total_timeout_s": 5}, "slow": {"upstream": "m"},
+                   "free": {"upstream": "n"}},
+    })  # fmt: skip
+    plans = Pipeline(config, build_upstreams(config)).model_plans
+    assert {name: plan.budget_s for name, plan in plans.items()} == {
+        "fast": 5, "slow": 30, "free": None}  # fmt: skip
