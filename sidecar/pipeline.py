@@ -39,6 +39,7 @@ from sidecar.policies.clock import SYSTEM_CLOCK, Clock
 from sidecar.policies.deadline import Deadline
 from sidecar.policies.fallback import falls_back
 from sidecar.policies.ratelimit import estimate_tokens
+from sidecar.recovery import recovering
 from sidecar.routes import (
     Admission,
     CallResult,
@@ -386,17 +387,26 @@ class Pipeline:
     ) -> AsyncGenerator[Chunk, None]:
         """The chunks of the call on `route` or another route of its plan. Failures before
         the first chunk are retried and fall back like unary calls, within `opening` (the
-        deadline of getting the stream flowing; else `deadline`); after it, they end the
-        stream. `deadline` bounds the whole stream."""
+        deadline of getting the stream flowing; else `deadline`); after it, the stream is
+        recovered where it can be (`sidecar.recovery`), else it ends with the failure.
+        `deadline` bounds the whole stream."""
         opening = opening or deadline
 
         def attempt(target: Route, fails_over: bool) -> Awaitable[OpenStream]:
             return self._open_route(target, request, opening, info, fails_over)
 
-        opened = await self._on_candidates(plan or route.plan, opening, info, attempt)
-        async with aclosing(opened.rest(deadline, info)) as rest:
+        plan = plan or route.plan
+        opened = await self._on_candidates(plan, opening, info, attempt)
+        recovered = recovering(opened, plan, request, deadline, info, self._take_over)
+        async with aclosing(recovered) as rest:
             async for chunk in rest:
                 yield chunk
+
+    def _take_over(
+        self, route: Route, request: UpstreamRequest, opening: Deadline, info: StreamInfo
+    ) -> Awaitable[OpenStream]:
+        """Open `route`'s stream to take over one that failed (`sidecar.recovery`)."""
+        return self._open_route(route, request, opening, info, fails_over=True)
 
     async def _open_route(
         self,

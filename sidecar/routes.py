@@ -52,6 +52,8 @@ class Route:
         self.first_chunk_timeout_s = policies.stream.first_chunk_timeout_s or spec.attempt_timeout_s
         self.idle_timeout_s = policies.stream.idle_timeout_s or spec.attempt_timeout_s
         self.idempotent = spec.is_idempotent
+        self.continuation = spec.continuation if spec.kind == "model" else "none"
+        self.prefill_params = spec.prefill_params
         self.total_timeout_s = policies.total_timeout_s  # a call's whole budget
         self.fallback_names = list(policies.fallback)
         # itself, then its fallbacks in order (set by `Pipeline`)

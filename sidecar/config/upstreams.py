@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -19,6 +19,12 @@ class _UpstreamBase(StrictModel):
     # The model name this upstream's provider knows: every request it serves is sent with
     # `model` set to it (null: the caller's model, as sent). Model upstreams only.
     model: str | None = Field(None, min_length=1)
+    # how this upstream may take over a stream cut after chunks reached the caller
+    # (`sidecar.recovery`): prefill (then replay), replay, or not at all
+    continuation: Literal["prefill", "replay", "none"] = "replay"
+    # merged into the body of a prefill request (e.g. vLLM's continue_final_message: true,
+    # add_generation_prompt: false)
+    prefill_params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _model_for_models(self) -> _UpstreamBase:

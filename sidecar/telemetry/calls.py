@@ -429,6 +429,8 @@ class TracedCall(CallObserver):
             m.fallbacks.labels(upstream, attributes.get("reason", "")).inc()
         elif name == "stream.cut":
             m.streams_cut.labels(upstream, attributes.get("reason", "")).inc()
+        elif name == "stream.recovery":
+            m.stream_recoveries.labels(upstream, attributes.get("outcome", "")).inc()
 
     def _genai_labels(self) -> tuple[str, str, str, str]:
         if self._labels is None:

@@ -153,6 +153,11 @@ class Metrics:
         self.streams_cut = Counter(
             "tether_streams_cut", "Streams that failed after their first chunk was sent.",
             ("upstream", "reason"), registry=r)  # fmt: skip
+        self.stream_recoveries = Counter(
+            "tether_stream_recoveries",
+            "Streams cut after their first chunk and then recovered (continued by a prefill, "
+            "replayed) or not (gave_up, refused), by the upstream that answered last.",
+            ("upstream", "outcome"), registry=r)  # fmt: skip
 
         # Journal
         self.journal_replays = Counter(

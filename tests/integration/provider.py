@@ -21,6 +21,9 @@ Each model has a queue of faults, one taken per request (then it answers normall
 - `policy`: a 400 `content_policy_violation`;
 - `refuse_prefill`: a 400 when the last message is the assistant's (a prefill).
 
+A request whose last message is the assistant's (a prefill) is answered with the rest of the
+answer after it, as a model continuing its own words would.
+
 Every request is logged (`Attempt`: time, model, prompt size, whether it streamed, the fault).
 """
 
@@ -74,6 +77,7 @@ class Model:
     delay_s: float = 0.0
     cut_after: int = 2
     text: str | None = None  # the answer, instead of `answer_text`'s
+    choices: int = 1  # streamed choices (as `n` asks)
 
     def fail(self, *faults: str) -> Model:
         self.faults.extend(faults)
@@ -88,12 +92,36 @@ def _error(status: int, message: str, kind: str, code: str | None,
 
 
 def _prompt(body: dict[str, Any]) -> str:
+    """The text of every message but the assistant's prefill, if any."""
     parts = []
-    for message in body.get("messages") or []:
+    for message in _messages(body)[: -1 if _prefill(body) is not None else None]:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str):
             parts.append(content)
     return "\n".join(parts)
+
+
+def _messages(body: dict[str, Any]) -> list[Any]:
+    messages = body.get("messages")
+    return messages if isinstance(messages, list) else []
+
+
+def _prefill(body: dict[str, Any]) -> str | None:
+    """The start of the answer a request puts in the assistant's mouth, if it does."""
+    messages = _messages(body)
+    last = messages[-1] if messages else None
+    if isinstance(last, dict) and last.get("role") == "assistant":
+        content = last.get("content")
+        return content if isinstance(content, str) else ""
+    return None
+
+
+def continuing(text: str, prefill: str | None) -> str:
+    """What a model answers after `prefill`: the rest of `text`, as a model continuing its
+    own words would (`text` whole without a prefill)."""
+    if prefill is None:
+        return text
+    return text[len(prefill) :] if text.startswith(prefill) else " and so on."
 
 
 @dataclass
@@ -140,7 +168,7 @@ class Provider:
         refused = await self._refusal(request, served, fault, body, prompt)
         if refused is not None:
             return refused
-        text = served.text or answer_text(prompt)
+        text = continuing(served.text or answer_text(prompt), _prefill(body))
         usage = {"prompt_tokens": len(prompt) // 4 + 1, "completion_tokens": len(tokens(text))}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if not stream:
@@ -166,8 +194,7 @@ class Provider:
             await asyncio.sleep(3600)
         if fault == "policy":
             return _error(400, POLICY_MESSAGE, "invalid_request_error", "content_policy_violation")
-        messages = body.get("messages") or []
-        if fault == "refuse_prefill" and messages and messages[-1].get("role") == "assistant":
+        if fault == "refuse_prefill" and _prefill(body) is not None:
             return _error(400, "assistant prefill is not supported", "invalid_request_error", None)
         if len(prompt) > served.context_chars:
             return _error(400, f"This model's maximum context length is {served.context_chars} "
@@ -192,10 +219,11 @@ class Provider:
         await resp.prepare(request)
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choices = [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
+                       for i in range(served.choices)]  # fmt: skip
             obj: dict[str, Any] = {"id": "chatcmpl-p", "object": "chat.completion.chunk",
                                    "created": 1, "model": model + SNAPSHOT,
-                                   "choices": [choice]}  # fmt: skip
+                                   "choices": choices}  # fmt: skip
             if with_usage:
                 obj["usage"] = None
             return b"data: " + orjson.dumps(obj) + b"\n\n"

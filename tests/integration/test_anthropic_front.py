@@ -61,11 +61,13 @@ def claude(
 def front(
     make_sidecar: SidecarFactory, server: MessagesFaultServer, backup: bool = False, **primary: Any
 ) -> SidecarServer:
-    """`primary` (falling back to `backup`, which answers, when `backup`) behind the front."""
+    """`primary` (falling back to `backup`, which answers, when `backup`) behind the front;
+    a `continuation` given applies to both."""
     upstreams = {"primary": claude(server, "primary", fallback=["backup"] if backup else None,
                                    **primary)}  # fmt: skip
     if backup:
-        upstreams["backup"] = claude(server, "backup")
+        extra = {"continuation": primary["continuation"]} if "continuation" in primary else {}
+        upstreams["backup"] = claude(server, "backup", **extra)
     return make_sidecar(upstreams, listen=HTTP)
 
 
@@ -383,7 +385,7 @@ def test_overloaded_event_first_fails_over(
 def test_cut_mid_answer(make_sidecar: SidecarFactory, api_server: MessagesFaultServer) -> None:
     """A connection cut mid-answer ends the stream with an in-band error event (the client
     raises), no message_stop, no fallback; counted as a cut stream."""
-    sidecar = front(make_sidecar, api_server, backup=True)
+    sidecar = front(make_sidecar, api_server, backup=True, continuation="none")
     api_server.endpoint("primary").mode = "cut"
     text, types, error, elapsed = read_to_error(client(sidecar))
     assert text == "Hello from" and "message_stop" not in types
@@ -408,7 +410,7 @@ def test_cut_fails_the_stream_helper(
 
 def test_no_message_stop(make_sidecar: SidecarFactory, api_server: MessagesFaultServer) -> None:
     """A stream that ends without message_stop is an error, even with every word sent."""
-    sidecar = front(make_sidecar, api_server)
+    sidecar = front(make_sidecar, api_server, continuation="none")
     api_server.endpoint("primary").mode = "no_stop"
     text, types, error, elapsed = read_to_error(client(sidecar))
     assert text == TEXT and "message_stop" not in types
@@ -420,7 +422,7 @@ def test_no_message_stop(make_sidecar: SidecarFactory, api_server: MessagesFault
 def test_malformed_event(make_sidecar: SidecarFactory, api_server: MessagesFaultServer) -> None:
     """An event that is not JSON fails the stream cleanly; the garbage never reaches the
     caller."""
-    sidecar = front(make_sidecar, api_server, backup=True)
+    sidecar = front(make_sidecar, api_server, backup=True, continuation="none")
     api_server.endpoint("primary").mode = "malformed"
     text, types, error, _ = read_to_error(client(sidecar))
     assert text == "Hello from" and GARBAGE.decode() not in text
@@ -434,7 +436,7 @@ def test_overloaded_event_mid_stream(
 ) -> None:
     """The upstream's in-band overloaded_error after some text reaches the caller as an
     in-band overloaded_error."""
-    sidecar = front(make_sidecar, api_server, backup=True)
+    sidecar = front(make_sidecar, api_server, backup=True, continuation="none")
     api_server.endpoint("primary").mode = "error_event"
     text, _, error, _ = read_to_error(client(sidecar))
     assert text == "Hello from"
@@ -445,7 +447,9 @@ def test_overloaded_event_mid_stream(
 
 def test_stall_mid_stream(make_sidecar: SidecarFactory, api_server: MessagesFaultServer) -> None:
     """A stall after some text ends in an in-band timeout_error within idle_timeout_s."""
-    sidecar = front(make_sidecar, api_server, policies={"stream": {"idle_timeout_s": 0.3}})
+    sidecar = front(
+        make_sidecar, api_server, policies={"stream": {"idle_timeout_s": 0.3}}, continuation="none"
+    )
     api_server.endpoint("primary").mode = "stall"
     text, _, error, elapsed = read_to_error(client(sidecar))
     assert text == "Hello from"

@@ -58,13 +58,30 @@ def test_chat_stream_mock(front: SidecarServer) -> None:
 
 
 def test_stream_cut_is_an_error(make_sidecar: SidecarFactory) -> None:
-    """A stream cut after its first chunk raises in the client, never a truncated success."""
+    """A stream cut after its first chunk, on an upstream that may not recover it
+    (`continuation: none`), raises in the client, never a truncated success."""
     cut = {"kind": "model", "type": "mock", "fail_first": 1, "failure_kind": "garbage",
-           "policies": {"retry": None}}  # fmt: skip
+           "continuation": "none", "policies": {"retry": None}}  # fmt: skip
     sidecar = make_sidecar({"cut": cut}, listen=HTTP)
     stream = client(sidecar).chat.completions.create(model="cut", messages=HELLO, stream=True)
     with pytest.raises(openai.APIError, match="not JSON"):
         list(stream)
+
+
+def test_stream_cut_is_replayed_whole(make_sidecar: SidecarFactory) -> None:
+    """The same cut with the default `continuation: replay`: the same upstream answers again,
+    its answer begins with what was delivered, and the caller gets exactly the answer of a
+    healthy call, once."""
+    cut = {"kind": "model", "type": "mock", "fail_first": 1, "failure_kind": "garbage",
+           "policies": {"retry": None}}  # fmt: skip
+    sidecar = make_sidecar({"cut": cut, "ok": {**cut, "fail_first": 0}}, listen=HTTP)
+    api = client(sidecar)
+
+    def text(model: str) -> str:
+        stream = api.chat.completions.create(model=model, messages=HELLO, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    assert text("cut") == text("ok") != ""
 
 
 def test_stream_failing_before_first_chunk(front: SidecarServer) -> None:

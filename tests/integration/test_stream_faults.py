@@ -42,20 +42,23 @@ def model(
     retry: dict[str, Any] | None = None,
     stream: dict[str, float] | None = None,
     fallback: list[str] | None = None,
+    continuation: str = "replay",
 ) -> dict[str, Any]:
     """A model upstream on the endpoint `name`, breaker off (each test counts attempts)."""
     policies = {"retry": retry or FAST_RETRY, "breaker": None, "stream": stream or {},
                 "fallback": fallback or []}  # fmt: skip
     return {"kind": "model", "type": "openai", "base_url": streams.base_url(name),
-            "policies": policies}  # fmt: skip
+            "policies": policies, "continuation": continuation}  # fmt: skip
 
 
 def with_backup(
     make_sidecar: SidecarFactory, streams: StreamFaultServer, **primary: Any
 ) -> SidecarServer:
-    """`primary` (falling back to `backup`, which answers) behind the HTTP front."""
+    """`primary` (falling back to `backup`, which answers) behind the HTTP front; a
+    `continuation` given applies to both."""
+    backup = {"continuation": primary["continuation"]} if "continuation" in primary else {}
     upstreams = {"primary": model(streams, "primary", fallback=["backup"], **primary),
-                 "backup": model(streams, "backup")}  # fmt: skip
+                 "backup": model(streams, "backup", **backup)}  # fmt: skip
     return make_sidecar(upstreams, listen=HTTP)
 
 
@@ -301,7 +304,9 @@ def test_unfixable_400_not_retried(
 
 def test_stall_mid_stream_errors(make_sidecar: SidecarFactory, streams: StreamFaultServer) -> None:
     """A stall after chunks were sent ends in an error within idle_timeout_s + 0.3 s."""
-    sidecar = with_backup(make_sidecar, streams, stream={"idle_timeout_s": 0.3})
+    sidecar = with_backup(
+        make_sidecar, streams, stream={"idle_timeout_s": 0.3}, continuation="none"
+    )
     streams.endpoint("primary").mode = "stall"
     text, error, elapsed = read_to_error(client(sidecar))
     assert text == "Hello from"
@@ -313,7 +318,7 @@ def test_stall_mid_stream_errors(make_sidecar: SidecarFactory, streams: StreamFa
 
 def test_cut_mid_stream_errors(make_sidecar: SidecarFactory, streams: StreamFaultServer) -> None:
     """A connection closed mid-answer is an error, not fallen back on, and counted."""
-    sidecar = with_backup(make_sidecar, streams)
+    sidecar = with_backup(make_sidecar, streams, continuation="none")
     streams.endpoint("primary").mode = "cut"
     text, error, elapsed = read_to_error(client(sidecar))
     assert text == "Hello from"
@@ -326,7 +331,7 @@ def test_cut_mid_stream_errors(make_sidecar: SidecarFactory, streams: StreamFaul
 def test_no_done_is_an_error(make_sidecar: SidecarFactory, streams: StreamFaultServer) -> None:
     """A stream ending without [DONE] and without a finish_reason is an error at once, even
     with all the words sent (the answer never said it ended)."""
-    sidecar = with_backup(make_sidecar, streams)
+    sidecar = with_backup(make_sidecar, streams, continuation="none")
     streams.endpoint("primary").mode = "no_done"
     text, error, elapsed = read_to_error(client(sidecar))
     assert text == TEXT
@@ -340,7 +345,7 @@ def test_malformed_chunk_is_an_error(
     make_sidecar: SidecarFactory, streams: StreamFaultServer
 ) -> None:
     """A chunk that is not JSON fails the stream cleanly; the garbage never reaches the caller."""
-    sidecar = with_backup(make_sidecar, streams)
+    sidecar = with_backup(make_sidecar, streams, continuation="none")
     streams.endpoint("primary").mode = "malformed"
     text, error, _ = read_to_error(client(sidecar))
     assert text == "Hello from"
@@ -377,7 +382,9 @@ def test_grpc_stall_mid_stream_errors(
     make_sidecar: SidecarFactory, streams: StreamFaultServer
 ) -> None:
     """Over gRPC, a stall after the first chunks raises UpstreamTimeoutError, no summary."""
-    sidecar = with_backup(make_sidecar, streams, stream={"idle_timeout_s": 0.3})
+    sidecar = with_backup(
+        make_sidecar, streams, stream={"idle_timeout_s": 0.3}, continuation="none"
+    )
     streams.endpoint("primary").mode = "stall"
     chunks: list[Any] = []
     with tether.Client(sidecar.addresses[0]) as sdk:

@@ -1,0 +1,199 @@
+"""Mid-stream recovery for Anthropic's Messages events (see `sidecar.recovery.base`).
+
+Channels: each content block by its index, its type (a tool_use block's name too) and the
+text its deltas carry (`text`, `partial_json`, `thinking`, `signature`). The new stream's
+`message_start` is never passed on (the caller has one); blocks the caller has seen begin
+are not begun again; indices continue the delivered answer's. A prefill is the delivered
+text (text blocks only) without trailing white space, which the API refuses in a prefill;
+the white space taken off is taken off the continuation's start in turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from sidecar.recovery.base import Continuation, Diverged, overlap
+from sidecar.upstreams.base import UpstreamRequest
+
+DELTA_TEXT = {"text_delta": "text", "input_json_delta": "partial_json",
+              "thinking_delta": "thinking", "signature_delta": "signature"}  # fmt: skip
+
+
+@dataclass(slots=True)
+class Block:
+    """A content block as the caller has it."""
+
+    kind: str  # text, tool_use, thinking...
+    name: str  # a tool_use block's tool
+    text: str = ""
+    stopped: bool = False
+
+
+def _event(data: bytes) -> dict[str, Any]:
+    obj = orjson.loads(data)
+    if not isinstance(obj, dict):
+        raise Diverged
+    return obj
+
+
+def _delta_text(obj: dict[str, Any]) -> str:
+    delta = obj.get("delta")
+    if not isinstance(delta, dict):
+        return ""
+    text = delta.get(DELTA_TEXT.get(delta.get("type", ""), ""), "")
+    return text if isinstance(text, str) else ""
+
+
+def _with_text(obj: dict[str, Any], index: int, text: str) -> bytes:
+    delta = obj.get("delta")
+    assert isinstance(delta, dict)
+    key = DELTA_TEXT[delta["type"]]
+    return orjson.dumps({**obj, "index": index, "delta": {**delta, key: text}})
+
+
+def _reindexed(obj: dict[str, Any], index: int) -> bytes:
+    return orjson.dumps({**obj, "index": index})
+
+
+def _started(obj: dict[str, Any]) -> Block:
+    block = obj.get("content_block")
+    block = block if isinstance(block, dict) else {}
+    name = block.get("name")
+    return Block(str(block.get("type", "")), name if isinstance(name, str) else "")
+
+
+class AnthropicAnswer:
+    """What the caller has received of a Messages stream, block by block."""
+
+    refusal = None  # every Messages stream can be tried
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, Block] = {}
+
+    def feed(self, data: bytes) -> None:
+        try:
+            obj = _event(data)
+        except (orjson.JSONDecodeError, Diverged):
+            return
+        kind, index = obj.get("type"), obj.get("index")
+        if not isinstance(index, int):
+            return
+        if kind == "content_block_start":
+            self.blocks[index] = _started(obj)
+        elif kind == "content_block_delta" and index in self.blocks:
+            self.blocks[index].text += _delta_text(obj)
+        elif kind == "content_block_stop" and index in self.blocks:
+            self.blocks[index].stopped = True
+
+    def prefill(
+        self, request: UpstreamRequest, params: dict[str, Any]
+    ) -> tuple[UpstreamRequest, Continuation] | None:
+        blocks = [self.blocks[i] for i in sorted(self.blocks)]
+        text = "".join(block.text for block in blocks)
+        body = request.body
+        if not blocks or any(b.kind != "text" for b in blocks) or not text.strip():
+            return None
+        if not isinstance(body, dict):
+            return None
+        prefill = text.rstrip()
+        messages = [*body.get("messages", []), {"role": "assistant", "content": prefill}]
+        body = {**body, **params, "messages": messages}
+        last = max(self.blocks)
+        base = last if not self.blocks[last].stopped else last + 1
+        continued = not self.blocks[last].stopped
+        return UpstreamRequest(request.operation, orjson.dumps(body), body,
+                               request.idempotency_key, request.run_id, request.labels), \
+            _Prefilled(base, continued, text[len(prefill):])  # fmt: skip
+
+    def replay(self) -> Continuation:
+        return _Replayed(self.blocks)
+
+
+class _Prefilled:
+    """The continuation's blocks numbered on from the delivered ones: its first block goes
+    on with the delivered block that was cut (when it was), without the white space the
+    prefill left out."""
+
+    def __init__(self, base: int, continued: bool, space: str) -> None:
+        self.base, self.continued, self.space = base, continued, space
+
+    def push(self, data: bytes) -> list[bytes]:
+        obj = _event(data)
+        kind, index = obj.get("type"), obj.get("index")
+        if kind == "message_start":
+            return []
+        if not isinstance(index, int):
+            return [data]
+        if kind == "content_block_start" and index == 0 and self.continued:
+            return []
+        if kind == "content_block_delta" and index == 0 and self.space:
+            text = _delta_text(obj)
+            if text.startswith(self.space):
+                text, self.space = text[len(self.space) :], ""
+            elif self.space.startswith(text):
+                text, self.space = "", self.space[len(text) :]
+            else:
+                self.space = ""
+            return [_with_text(obj, self.base, text)] if text else []
+        return [_reindexed(obj, self.base + index)]
+
+    def end(self) -> None:
+        return None
+
+
+class _Replayed:
+    """The new message held back until it covers the delivered blocks (each the same kind,
+    each delivered text a prefix of the new), then only what is new."""
+
+    def __init__(self, blocks: dict[int, Block]) -> None:
+        self.delivered = blocks
+        self.sent: dict[int, int] = {}  # how far each block of the new message is
+        self.begun: set[int] = set()
+        self.held: list[bytes] = []
+
+    def push(self, data: bytes) -> list[bytes]:
+        out = self._trim(_event(data), data)
+        if out:
+            self.held.append(out)
+        if not self._covered():
+            return []
+        held, self.held = self.held, []
+        return held
+
+    def end(self) -> None:
+        if not self._covered():
+            raise Diverged
+
+    def _covered(self) -> bool:
+        return all(i in self.begun and self.sent.get(i, 0) >= len(block.text)
+                   for i, block in self.delivered.items())  # fmt: skip
+
+    def _trim(self, obj: dict[str, Any], data: bytes) -> bytes:
+        kind, index = obj.get("type"), obj.get("index")
+        if kind == "message_start":
+            return b""
+        if kind == "message_delta" and not self._covered():
+            raise Diverged  # the new message ended before covering the delivered one
+        if not isinstance(index, int) or index not in self.delivered:
+            return data
+        block = self.delivered[index]
+        if kind == "content_block_start":
+            began = _started(obj)
+            if (began.kind, began.name) != (block.kind, block.name):
+                raise Diverged
+            self.begun.add(index)
+            return b""
+        if kind == "content_block_delta":
+            piece = _delta_text(obj)
+            sent = self.sent.get(index, 0)
+            rest = overlap(block.text, sent, piece)
+            self.sent[index] = sent + len(piece)
+            return _with_text(obj, index, rest) if rest else b""
+        if kind == "content_block_stop":
+            if self.sent.get(index, 0) < len(block.text):
+                raise Diverged
+            return b"" if block.stopped else data
+        return data

@@ -1,0 +1,71 @@
+"""What mid-stream recovery needs of an API's stream shape, and the errors it raises.
+
+An `Answer` follows what the caller has received of a streamed answer, by channel (the text,
+each tool call's name and arguments...). From it come the two ways to go on after a cut:
+
+- `prefill(request)`: the original request with the delivered text as the start of the
+  assistant's answer (None when what was delivered cannot be written so: tool calls, say),
+  and a `Continuation` that turns the new stream's chunks into the rest of the answer;
+- `replay()`: a `Continuation` for the original request sent again, which holds the new
+  answer back until it covers everything delivered, checks that the delivered answer is an
+  exact prefix of it (channel by channel), then passes on only what is new.
+
+A continuation raises `Diverged` when the new answer does not continue the delivered one;
+the caller then gets the original failure, never an altered answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from sidecar.upstreams.base import UpstreamRequest
+
+
+class Diverged(Exception):
+    """The new answer does not continue what the caller has received."""
+
+
+class Continuation(Protocol):
+    """Turns the chunks of a new stream into the rest of the delivered answer."""
+
+    def push(self, data: bytes) -> list[bytes]:
+        """What to pass on for this chunk of the new stream (nothing while holding it back);
+        Diverged when it contradicts what was delivered."""
+        ...
+
+    def end(self) -> None:
+        """The new stream is complete: Diverged when it never covered what was delivered."""
+        ...
+
+
+class Answer(Protocol):
+    """What the caller has received of one streamed answer."""
+
+    @property
+    def refusal(self) -> str | None:
+        """Why this answer cannot be recovered at all (None: it can)."""
+        ...
+
+    def feed(self, data: bytes) -> None:
+        """One chunk the caller received."""
+        ...
+
+    def prefill(
+        self, request: UpstreamRequest, params: dict[str, Any]
+    ) -> tuple[UpstreamRequest, Continuation] | None:
+        """The request that continues the delivered text (with `params` merged into its
+        body), and how to pass its stream on; None when prefill cannot express it."""
+        ...
+
+    def replay(self) -> Continuation:
+        """How to pass on the stream of the original request sent again."""
+        ...
+
+
+def overlap(delivered: str, sent: int, piece: str) -> str:
+    """The part of `piece` (which starts at offset `sent` of a channel's new text) beyond
+    what was `delivered` on that channel; Diverged when the overlap differs."""
+    end = min(len(delivered), sent + len(piece))
+    if sent < end and piece[: end - sent] != delivered[sent:end]:
+        raise Diverged
+    return piece[max(0, end - sent) :]
