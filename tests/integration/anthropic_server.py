@@ -19,6 +19,10 @@ answered with a `message`; a streamed one (`"stream": true`) with Anthropic's ev
 - `reset`: the connection is aborted before any answer;
 - `silent`: headers, then nothing at all (a unary request: no answer at all).
 
+A request whose last message is the assistant's (a prefill) is answered with the rest of
+the answer after it, as Claude continuing its own words would; a prefill that ends in white
+space is refused with a 400, as the API does.
+
 Every request's headers and JSON body are kept in `requests`.
 """
 
@@ -53,6 +57,27 @@ def word(text: str) -> bytes:
     return event({"type": "content_block_delta", "index": 0, "delta": delta})
 
 
+def request_body(ep: MessagesEndpoint) -> dict[str, Any]:
+    return ep.requests[-1][1]
+
+
+def _prefill(body: dict[str, Any]) -> str | None:
+    messages = body.get("messages") or []
+    last = messages[-1] if messages else None
+    if isinstance(last, dict) and last.get("role") == "assistant":
+        return str(last.get("content"))
+    return None
+
+
+def _continuing(prefill: str | None, words: list[str]) -> list[str]:
+    """The answer's words after `prefill` (all of them without one)."""
+    if prefill is None:
+        return words
+    whole = "".join(words)
+    rest = whole[len(prefill) :] if whole.startswith(prefill) else " etc."
+    return [rest[: len(rest) // 2], rest[len(rest) // 2 :]]
+
+
 def error_event(kind: str, text: str) -> bytes:
     return event({"type": "error", "error": {"type": kind, "message": text}})
 
@@ -63,6 +88,7 @@ class MessagesEndpoint(StreamEndpoint):
 
     model: str = "claude-test"
     error_type: str = "overloaded_error"
+    words: list[str] = field(default_factory=lambda: list(WORDS))  # the answer, word by word
     requests: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
 
 
@@ -87,6 +113,14 @@ class MessagesFaultServer(StreamFaultServer):
         mode, answer = await self.arrived(request, ep)
         if answer is not None:
             return answer
+        prefill = _prefill(body)
+        if prefill is not None and prefill != prefill.rstrip():
+            error = {
+                "type": "invalid_request_error",
+                "message": "final assistant content cannot end with trailing whitespace",
+            }
+            return web.Response(status=400, body=orjson.dumps({"type": "error", "error": error}),
+                                content_type="application/json")  # fmt: skip
         if not body.get("stream"):
             if mode == "silent":
                 await asyncio.sleep(3600)
@@ -113,8 +147,9 @@ class MessagesFaultServer(StreamFaultServer):
                  "content_block": {"type": "text", "text": ""}}  # fmt: skip
         await resp.write(event(block) + b'event: ping\ndata: {"type": "ping"}\n\n')
         faulty = mode in ("cut", "stall", "malformed", "error_event")
-        before_fault = ep.chunks if faulty else len(WORDS)
-        for text in WORDS[:before_fault]:
+        words = _continuing(_prefill(request_body(ep)), ep.words)
+        before_fault = ep.chunks if faulty else len(words)
+        for text in words[:before_fault]:
             await resp.write(word(text))
         if mode == "cut":
             await asyncio.sleep(0.05)  # let the words leave before the connection dies
@@ -128,7 +163,7 @@ class MessagesFaultServer(StreamFaultServer):
             return
         if mode == "malformed":
             await resp.write(b"event: content_block_delta\ndata: " + GARBAGE + b"\n\n")
-            for text in WORDS[before_fault:]:
+            for text in words[before_fault:]:
                 await resp.write(word(text))
         final = {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
                  "usage": {"output_tokens": len(WORDS)}}  # fmt: skip
