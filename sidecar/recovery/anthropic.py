@@ -54,6 +54,16 @@ def _with_text(obj: dict[str, Any], index: int, text: str) -> bytes:
     return orjson.dumps({**obj, "index": index, "delta": {**delta, key: text}})
 
 
+def _common(one: str, other: str) -> int:
+    """How many characters the two strings begin with alike."""
+    same = 0
+    for a, b in zip(one, other, strict=False):
+        if a != b:
+            break
+        same += 1
+    return same
+
+
 def _reindexed(obj: dict[str, Any], index: int) -> bytes:
     return orjson.dumps({**obj, "index": index})
 
@@ -72,6 +82,7 @@ class AnthropicAnswer:
 
     def __init__(self) -> None:
         self.blocks: dict[int, Block] = {}
+        self.ended = False  # the caller has the message_delta that ends the message
 
     def feed(self, data: bytes) -> None:
         try:
@@ -79,6 +90,8 @@ class AnthropicAnswer:
         except (orjson.JSONDecodeError, Diverged):
             return
         kind, index = obj.get("type"), obj.get("index")
+        if kind == "message_delta":
+            self.ended = True
         if not isinstance(index, int):
             return
         if kind == "content_block_start":
@@ -94,7 +107,7 @@ class AnthropicAnswer:
         blocks = [self.blocks[i] for i in sorted(self.blocks)]
         text = "".join(block.text for block in blocks)
         body = request.body
-        if not blocks or any(b.kind != "text" for b in blocks) or not text.strip():
+        if not blocks or any(b.kind != "text" for b in blocks) or not text.strip() or self.ended:
             return None
         if not isinstance(body, dict):
             return None
@@ -109,7 +122,7 @@ class AnthropicAnswer:
             _Prefilled(base, continued, text[len(prefill):])  # fmt: skip
 
     def replay(self) -> Continuation:
-        return _Replayed(self.blocks)
+        return _Replayed(self.blocks, self.ended)
 
 
 class _Prefilled:
@@ -128,15 +141,13 @@ class _Prefilled:
         if not isinstance(index, int):
             return [data]
         if kind == "content_block_start" and index == 0 and self.continued:
+            if _started(obj).kind != "text":
+                raise Diverged  # it does not go on with the text block that was cut
             return []
         if kind == "content_block_delta" and index == 0 and self.space:
             text = _delta_text(obj)
-            if text.startswith(self.space):
-                text, self.space = text[len(self.space) :], ""
-            elif self.space.startswith(text):
-                text, self.space = "", self.space[len(text) :]
-            else:
-                self.space = ""
+            same = _common(self.space, text)
+            text, self.space = text[same:], self.space[same:] if same == len(text) else ""
             return [_with_text(obj, self.base, text)] if text else []
         return [_reindexed(obj, self.base + index)]
 
@@ -148,8 +159,9 @@ class _Replayed:
     """The new message held back until it covers the delivered blocks (each the same kind,
     each delivered text a prefix of the new), then only what is new."""
 
-    def __init__(self, blocks: dict[int, Block]) -> None:
+    def __init__(self, blocks: dict[int, Block], ended: bool) -> None:
         self.delivered = blocks
+        self.ended = ended  # the caller has the message_delta already
         self.sent: dict[int, int] = {}  # how far each block of the new message is
         self.begun: set[int] = set()
         self.held: list[bytes] = []
@@ -177,7 +189,11 @@ class _Replayed:
             return b""
         if kind == "message_delta" and not self._covered():
             raise Diverged  # the new message ended before covering the delivered one
+        if kind == "message_delta" and self.ended:
+            return b""
         if not isinstance(index, int) or index not in self.delivered:
+            if self.ended and kind != "message_delta":
+                raise Diverged  # more than the message the caller has whole
             return data
         block = self.delivered[index]
         if kind == "content_block_start":
@@ -191,9 +207,12 @@ class _Replayed:
             sent = self.sent.get(index, 0)
             rest = overlap(block.text, sent, piece)
             self.sent[index] = sent + len(piece)
+            if rest and block.stopped:
+                raise Diverged  # the caller saw this block end shorter
             return _with_text(obj, index, rest) if rest else b""
         if kind == "content_block_stop":
-            if self.sent.get(index, 0) < len(block.text):
+            sent = self.sent.get(index, 0)
+            if sent < len(block.text) or (block.stopped and sent != len(block.text)):
                 raise Diverged
             return b"" if block.stopped else data
         return data

@@ -54,6 +54,7 @@ class OpenAIAnswer:
     def __init__(self) -> None:
         self.channels: dict[Channel, str] = {}
         self.tools: set[int] = set()  # tool calls whose first delta (id, type) was sent
+        self.finished = False  # the caller has choice 0's finish_reason
         self._refusal: str | None = None
 
     @property
@@ -66,6 +67,8 @@ class OpenAIAnswer:
         except (orjson.JSONDecodeError, Diverged):
             self._refusal = "n > 1: an answer of several choices is not recovered"
             return
+        if choice is not None and choice.get("finish_reason"):
+            self.finished = True
         delta = choice.get("delta") if choice is not None else None
         if not isinstance(delta, dict):
             return
@@ -79,7 +82,9 @@ class OpenAIAnswer:
     ) -> tuple[UpstreamRequest, Continuation] | None:
         text = self.channels.get("content", "")
         body = request.body
-        if set(self.channels) != {"content"} or not text or not isinstance(body, dict):
+        if set(self.channels) != {"content"} or not text or self.finished:
+            return None
+        if not isinstance(body, dict):
             return None
         messages = [*body.get("messages", []), {"role": "assistant", "content": text}]
         body = {**body, **params, "messages": messages}
@@ -113,6 +118,7 @@ class _Replayed:
 
     def __init__(self, answer: OpenAIAnswer) -> None:
         self.delivered = answer.channels
+        self.finished = answer.finished  # the caller has the whole answer but its end
         self.started = set(answer.tools)  # tool calls the caller has seen begin
         self.sent: dict[Channel, int] = {}  # how far the new answer is, by channel
         self.held: list[bytes] = []  # what is new, kept until the delivered part is covered
@@ -147,6 +153,8 @@ class _Replayed:
             sent = self.sent.get(channel, 0)
             rest = overlap(self.delivered.get(channel, ""), sent, piece)
             self.sent[channel] = sent + len(piece)
+            if rest and self.finished:
+                raise Diverged  # longer than the answer the caller saw end
             if not rest:
                 continue
             if isinstance(channel, str):
@@ -158,8 +166,12 @@ class _Replayed:
         finish = choice.get("finish_reason")
         if finish and not self._covered():
             raise Diverged  # the new answer ended before it covered the delivered one
+        if self.finished:
+            finish = None  # the caller has it already
         if not new and not calls and not finish:
             return b""
+        if self.finished:
+            raise Diverged  # a tool call the answer the caller saw end did not have
         if calls:
             new["tool_calls"] = [calls[index] for index in sorted(calls)]
         return orjson.dumps({**obj, "choices": [{**choice, "delta": new}]})

@@ -78,6 +78,11 @@ class Model:
     cut_after: int = 2
     text: str | None = None  # the answer, instead of `answer_text`'s
     choices: int = 1  # streamed choices (as `n` asks)
+    down_until: float = 0.0  # until this time.monotonic(), every request is a 503
+
+    def down_for(self, seconds: float) -> Model:
+        self.down_until = time.monotonic() + seconds
+        return self
 
     def fail(self, *faults: str) -> Model:
         self.faults.extend(faults)
@@ -160,6 +165,8 @@ class Provider:
         served = self.models.get(name) if isinstance(name, str) else None
         prompt = _prompt(body)
         fault = served.faults.popleft() if served and served.faults else ""
+        if served is not None and not fault and time.monotonic() < served.down_until:
+            fault = "503"
         self.attempts.append(Attempt(time.monotonic(), str(name), len(prompt), stream, fault,
                                      body))  # fmt: skip
         if served is None:

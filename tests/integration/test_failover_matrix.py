@@ -4,6 +4,7 @@ logged: attempts per model and the gaps between them."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 from sidecar.server import SidecarServer
 from tests.integration.conftest import SidecarFactory
-from tests.integration.provider import SNAPSHOT, Provider, answer_text
+from tests.integration.provider import POLICY_MESSAGE, SNAPSHOT, Provider, answer_text
 from tests.integration.support import LoopThread
 
 HTTP = {"http": "127.0.0.1:0"}
@@ -191,3 +192,130 @@ def test_over_grpc_the_tighter_of_deadline_and_budget_wins(
     assert 0.5 <= time.monotonic() - started < 3.0
     assert len(provider.tried("primary-model")) == 1
     wait_until(lambda: provider.cancelled == 1)
+
+
+def chat(api: openai.OpenAI) -> Any:
+    return api.chat.completions.with_raw_response.create(model="chat", messages=HI)
+
+
+def gaps(provider: Provider) -> list[float]:
+    times = [a.at for a in provider.attempts]
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+def test_429_with_retry_after_is_retried_after_that_long(
+    make_sidecar: SidecarFactory, provider: Provider
+) -> None:
+    """A 429 saying Retry-After: 0.3 (within backoff_max_s): the same model is asked again no
+    sooner than 0.3 s later, and answers."""
+    retry = {**FAST_RETRY, "backoff_max_s": 2.0}
+    sidecar = pair(make_sidecar, provider, retry=retry)
+    limited = provider.model("primary-model").fail("429")
+    limited.retry_after_s = 0.3
+    raw = chat(client(sidecar))
+    assert raw.parse().model == "primary-model" + SNAPSHOT
+    assert provider.models_tried() == ["primary-model", "primary-model"]
+    assert gaps(provider)[0] >= 0.3
+
+
+def test_429_beyond_backoff_max_fails_over_at_once(
+    make_sidecar: SidecarFactory, provider: Provider
+) -> None:
+    """A Retry-After longer than backoff_max_s is not waited for: the backup answers now."""
+    sidecar = pair(make_sidecar, provider)
+    limited = provider.model("primary-model").fail("429")
+    limited.retry_after_s = 30
+    raw = chat(client(sidecar))
+    assert raw.headers["X-Tether-Upstream"] == "backup"
+    assert provider.models_tried() == ["primary-model", "backup-model"]
+    assert gaps(provider)[0] < 1.0
+
+
+@pytest.mark.parametrize(
+    ("faults", "tried", "answered_by"),
+    [
+        (["429"] * 10, ["primary-model"] * 3 + ["backup-model"], "backup"),
+        (["500"], ["primary-model"] * 2, "primary"),
+        (["503"] * 10, ["primary-model"] * 3 + ["backup-model"], "backup"),
+        (["reset"], ["primary-model"] * 2, "primary"),
+    ],
+    ids=["429-persistent", "500-once", "503-persistent", "reset-before-headers"],
+)
+def test_failures_are_retried_then_fail_over(
+    make_sidecar: SidecarFactory,
+    provider: Provider,
+    faults: list[str],
+    tried: list[str],
+    answered_by: str,
+) -> None:
+    """Retryable failures are retried (3 attempts) with backoff, then fail over; each
+    request under the model of the upstream that sent it."""
+    sidecar = pair(make_sidecar, provider)
+    provider.model("primary-model").fail(*faults)
+    raw = chat(client(sidecar))
+    answer = raw.parse()
+    assert answer.choices[0].message.content == answer_text("hi")
+    assert raw.headers["X-Tether-Upstream"] == answered_by
+    assert raw.headers["X-Tether-Attempts"] == str(len(tried))
+    assert provider.models_tried() == tried
+    assert all(gap >= 0.0 for gap in gaps(provider))
+
+
+def test_no_response_at_all_fails_over_after_one_timeout(
+    make_sidecar: SidecarFactory, provider: Provider
+) -> None:
+    """A primary that never answers costs one attempt timeout (0.5 s), not a retry: the
+    backup answers."""
+    sidecar = pair(make_sidecar, provider, timeout_s=0.5)
+    provider.model("primary-model").fail("silent")
+    raw = chat(client(sidecar))
+    assert raw.headers["X-Tether-Upstream"] == "backup"
+    assert provider.models_tried() == ["primary-model", "backup-model"]
+    assert 0.5 <= gaps(provider)[0] < 2.0
+
+
+def test_a_slow_first_token_fails_over(make_sidecar: SidecarFactory, provider: Provider) -> None:
+    """A stream whose first token is later than first_chunk_timeout_s: the backup streams."""
+    sidecar = pair(make_sidecar, provider, stream={"first_chunk_timeout_s": 0.3})
+    slow = provider.model("primary-model").fail("slow_first")
+    slow.delay_s = 5.0
+    text, models = streamed(client(sidecar))
+    assert text == answer_text("hi") and models == {"backup-model" + SNAPSHOT}
+    assert provider.models_tried() == ["primary-model", "backup-model"]
+
+
+def test_a_content_policy_400_reaches_the_caller_untried_elsewhere(
+    make_sidecar: SidecarFactory, provider: Provider
+) -> None:
+    """The provider's content-policy refusal is the caller's to see: not retried, no
+    fallback, its code and message unchanged."""
+    sidecar = pair(make_sidecar, provider)
+    provider.model("primary-model").fail("policy")
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(client(sidecar))
+    assert caught.value.code == "content_policy_violation"
+    assert POLICY_MESSAGE in str(caught.value)
+    assert provider.models_tried() == ["primary-model"]
+
+
+def test_a_primary_down_for_a_window_comes_back(
+    make_sidecar: SidecarFactory, provider: Provider
+) -> None:
+    """The primary is down for 1 s: its breaker opens after 2 failures, the backup serves
+    every call meanwhile, a probe closes it after the window, and traffic is back on the
+    primary within reset_timeout_s (0.5 s) plus one call."""
+    breaker = {"fail_max": 2, "reset_timeout_s": 0.5}
+    sidecar = pair(make_sidecar, provider, retry=None, breaker=breaker)
+    api = client(sidecar)
+    provider.model("primary-model").down_for(1.0)
+    back_at = provider.model("primary-model").down_until
+    served: list[tuple[float, str]] = []
+    while time.monotonic() < back_at + 1.5:
+        raw = chat(api)
+        served.append((time.monotonic(), raw.headers["X-Tether-Upstream"]))
+        time.sleep(0.05)
+    failures = [a for a in provider.tried("primary-model") if a.at < back_at]
+    assert 2 <= len(failures) <= 4  # fail_max, then a probe each reset_timeout_s
+    late = [by for at, by in served if at > back_at + 0.5 + 0.2]
+    assert late and set(late) == {"primary"}
+    assert served[-1][1] == "primary"
