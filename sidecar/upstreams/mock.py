@@ -246,12 +246,17 @@ class MockUpstream:
             raise self._garbage()
 
     def _stream_chunks(self, request: UpstreamRequest, hit: int) -> list[Chunk]:
-        """The whole streamed answer; usage on its last chunk."""
+        """The whole streamed answer; usage on its last chunk (which carries no data unless
+        the caller asked for `stream_options.include_usage`)."""
         if request.operation == "messages":
             return messages.events(request.body, hit, self._config.stream_chunks)
         answer, usage = self._chat(request.body, hit)
         chunks = [Chunk(data) for data in self._chunks(answer, hit)]
-        chunks.append(Chunk(orjson.dumps(self._usage_chunk(answer, hit)), usage=usage))
+        # the usage chunk only when the caller asked for it, as the openai adapter does
+        options = request.body.get("stream_options")
+        asked = isinstance(options, dict) and options.get("include_usage") is True
+        usage_data = orjson.dumps(self._usage_chunk(answer, hit)) if asked else b""
+        chunks.append(Chunk(usage_data, usage=usage))
         return chunks
 
     def _chunk(self, answer: dict[str, Any], hit: int, delta: dict[str, Any], finish: Any) -> bytes:

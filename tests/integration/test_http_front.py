@@ -51,10 +51,15 @@ def test_chat_stream(front: SidecarServer) -> None:
 
 
 def test_chat_stream_mock(front: SidecarServer) -> None:
-    """The built-in mock streams through the front too, with usage in the last chunk."""
-    chunks = list(client(front).chat.completions.create(model="mock", messages=HELLO, stream=True))
+    """The built-in mock streams through the front too: usage in the last chunk when asked
+    for, and every chunk with a choice when not."""
+    api = client(front)
+    chunks = list(api.chat.completions.create(model="mock", messages=HELLO, stream=True,
+                                              stream_options={"include_usage": True}))  # fmt: skip
     assert any(c.choices and c.choices[0].delta.content for c in chunks)
     assert chunks[-1].usage is not None
+    plain = list(api.chat.completions.create(model="mock", messages=HELLO, stream=True))
+    assert all(c.choices for c in plain) and len(plain) == len(chunks) - 1
 
 
 def test_stream_cut_is_an_error(make_sidecar: SidecarFactory) -> None:

@@ -102,13 +102,18 @@ async def test_hang_never_answers() -> None:
 
 
 async def test_stream_chunks_rebuild_the_answer() -> None:
-    """Streamed chunks concatenate to the unary answer; the last chunk has usage."""
-    chunks = [c async for c in mock(stream_chunks=3).stream(request(CHAT))]
+    """Streamed chunks concatenate to the unary answer; the last chunk has usage, as a
+    usage chunk when the caller asked for one, else with no data."""
+    asked = {**CHAT, "stream_options": {"include_usage": True}}
+    chunks = [c async for c in mock(stream_chunks=3).stream(request(asked))]
     parsed = [orjson.loads(c.data) for c in chunks]
     text = "".join(p["choices"][0]["delta"].get("content", "") for p in parsed if p["choices"])
     assert text == "Mock answer to: hello there"
     assert parsed[-1]["choices"] == [] and chunks[-1].usage is not None
     assert all(p["hit"] == 1 for p in parsed)
+    unasked = [c async for c in mock(stream_chunks=3).stream(request(CHAT))]
+    assert unasked[-1].data == b"" and unasked[-1].usage == chunks[-1].usage
+    assert [c.data for c in unasked[:-1]] == [c.data for c in chunks[:-1]]
 
 
 async def test_stream_reset_cuts_midway() -> None:
