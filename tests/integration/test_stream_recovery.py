@@ -11,6 +11,7 @@ from typing import Any
 import openai
 import pytest
 
+import tether
 from sidecar.server import SidecarServer
 from tests.integration.conftest import SidecarFactory
 from tests.integration.provider import SNAPSHOT, Provider, answer_text
@@ -179,3 +180,37 @@ def test_no_recovery_past_the_callers_deadline(
     with pytest.raises(openai.APIError):
         read(client(sidecar), extra_headers={"X-Tether-Timeout-S": "0.5"})
     assert provider.models_tried() == ["primary-model"]
+
+
+def test_a_grpc_stream_is_recovered_too(make_sidecar: SidecarFactory, provider: Provider) -> None:
+    """The SDK's StreamCall goes through the same recovery: the chunks it yields make the
+    whole answer once, and the summary names the upstream that finished it."""
+    sidecar = sidecar_with(make_sidecar, provider, continuation="none",
+                           policies={"fallback": ["backup"]})  # fmt: skip
+    provider.model("primary-model").fail("cut")
+    with tether.Client(sidecar.addresses[0]) as sdk:
+        stream = sdk.stream_model("primary", {"model": "x", "messages": HI})
+        chunks = list(stream)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == WHOLE
+    assert stream.summary.done and stream.summary.upstream == "backup"
+    assert provider.models_tried() == ["primary-model", "backup-model"]
+
+
+def test_the_journal_keeps_the_recovered_answer_only(
+    make_sidecar: SidecarFactory, provider: Provider
+) -> None:
+    """A journaled stream cut and replayed: the run's replay from the journal gives exactly
+    the answer the caller got (the whole answer once), and asks the provider nothing."""
+    sidecar = sidecar_with(make_sidecar, provider)
+    provider.model("primary-model").fail("cut")
+    headers = {"X-Tether-Run-Id": "run-r", "Idempotency-Key": "step-1"}
+    first, _ = read(client(sidecar), extra_headers=headers)
+    tried = len(provider.attempts)
+    raw = client(sidecar).chat.completions.with_raw_response.create(
+        model="chat", messages=HI, stream=True, extra_headers=headers
+    )
+    again = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    assert first == again == WHOLE
+    assert raw.headers["X-Tether-Replayed"] == "true"
+    assert len(provider.attempts) == tried == 2
