@@ -92,7 +92,8 @@ def _instrumented_act(agent: str, env: dict[str, str], directory: str) -> int:
 
 
 SHOWN_METRICS = ("tether_calls_total", "tether_breaker_transitions_total",
-                 "tether_journal_replays_total", "tether_overhead_seconds_count")  # fmt: skip
+                 "tether_journal_replays_total", "tether_overhead_seconds_count",
+                 "tether_stream_recoveries_total")  # fmt: skip
 
 
 def _show_metrics(metrics: str) -> None:
@@ -120,6 +121,27 @@ def _openai_client_act(agent: str, config_path: str) -> int:
     print(f"\n== an unchanged OpenAI-client agent: OPENAI_BASE_URL=http://{front}/v1 ==")
     env = {**os.environ, "OPENAI_BASE_URL": f"http://{front}/v1", "OPENAI_API_KEY": "unused"}
     return subprocess.run([sys.executable, agent], env=env).returncode
+
+
+def _recovery_act(config_path: str) -> int:
+    """The fifth act: a stream cut half-way through its answer, recovered by the sidecar."""
+    from openai import OpenAI
+
+    front = yaml.safe_load(Path(config_path).read_text())["listen"]["http"]
+    print("\n== a stream cut mid-answer: llm-cut drops the connection half-way through ==")
+    client = OpenAI(base_url=f"http://{front}/v1", api_key="unused", max_retries=0)
+    question = [{"role": "user", "content": "what happens when a stream is cut?"}]
+
+    def streamed(model: str) -> tuple[str, int]:
+        chunks = list(client.chat.completions.create(model=model, messages=question,
+                                                     stream=True))  # fmt: skip
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), len(chunks)
+
+    text, count = streamed("llm-cut")
+    uncut, _ = streamed("llm-backup")
+    print(f"demo: the client read {count} chunks: {text!r}")
+    print(f"demo: the same as an uncut answer, word for word, once: {text == uncut}")
+    return 0 if text == uncut else 1
 
 
 def run_demo(*, agent: str, steps: int) -> int:
@@ -154,6 +176,8 @@ def run_demo(*, agent: str, steps: int) -> int:
         instrumented = Path(agent).with_name("instrumented_agent.py")
         if agent_code == 0 and instrumented.is_file():
             agent_code = _instrumented_act(str(instrumented), env, directory)
+        if agent_code == 0:
+            agent_code = _recovery_act(config_path)
         _show_metrics(metrics)
         sidecar_code = _stop(sidecar)
         print(f"demo: sidecar drained and stopped (exit code {sidecar_code})")

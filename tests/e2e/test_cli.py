@@ -110,6 +110,11 @@ def test_demo_runs_end_to_end() -> None:
     # the fourth act: killed at step 4, resumed with steps 1-3 answered from the journal
     assert "step 4: crashing (SIGKILL)" in out
     assert "run instrumented-demo complete: 3 steps replayed, 3 executed" in out
+    # the fifth act: a stream cut half-way, replayed into the whole answer once
+    assert "the same as an uncut answer, word for word, once: True" in out
+    assert re.search(
+        r'tether_stream_recoveries_total\{outcome="replayed",upstream="llm-cut"\} 1', out
+    )
 
 
 def test_top_once(short_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
