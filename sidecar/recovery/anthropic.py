@@ -10,7 +10,7 @@ the white space taken off is taken off the continuation's start in turn.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -28,8 +28,16 @@ class Block:
 
     kind: str  # text, tool_use, thinking...
     name: str  # a tool_use block's tool
-    text: str = ""
+    parts: list[str] = field(default_factory=list)  # its deltas' text, joined when needed
     stopped: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def frozen(self) -> Block:
+        """A copy with the text as it is now."""
+        return Block(self.kind, self.name, [self.text], self.stopped)
 
 
 def _event(data: bytes) -> dict[str, Any]:
@@ -97,7 +105,7 @@ class AnthropicAnswer:
         if kind == "content_block_start":
             self.blocks[index] = _started(obj)
         elif kind == "content_block_delta" and index in self.blocks:
-            self.blocks[index].text += _delta_text(obj)
+            self.blocks[index].parts.append(_delta_text(obj))
         elif kind == "content_block_stop" and index in self.blocks:
             self.blocks[index].stopped = True
 
@@ -122,7 +130,7 @@ class AnthropicAnswer:
             _Prefilled(base, continued, text[len(prefill):])  # fmt: skip
 
     def replay(self) -> Continuation:
-        return _Replayed(self.blocks, self.ended)
+        return _Replayed({i: block.frozen() for i, block in self.blocks.items()}, self.ended)
 
 
 class _Prefilled:
@@ -161,6 +169,7 @@ class _Replayed:
 
     def __init__(self, blocks: dict[int, Block], ended: bool) -> None:
         self.delivered = blocks
+        self.texts = {i: block.text for i, block in blocks.items()}
         self.ended = ended  # the caller has the message_delta already
         self.sent: dict[int, int] = {}  # how far each block of the new message is
         self.begun: set[int] = set()
@@ -180,8 +189,8 @@ class _Replayed:
             raise Diverged
 
     def _covered(self) -> bool:
-        return all(i in self.begun and self.sent.get(i, 0) >= len(block.text)
-                   for i, block in self.delivered.items())  # fmt: skip
+        return all(i in self.begun and self.sent.get(i, 0) >= len(text)
+                   for i, text in self.texts.items())  # fmt: skip
 
     def _trim(self, obj: dict[str, Any], data: bytes) -> bytes:
         kind, index = obj.get("type"), obj.get("index")
@@ -205,14 +214,14 @@ class _Replayed:
         if kind == "content_block_delta":
             piece = _delta_text(obj)
             sent = self.sent.get(index, 0)
-            rest = overlap(block.text, sent, piece)
+            rest = overlap(self.texts[index], sent, piece)
             self.sent[index] = sent + len(piece)
             if rest and block.stopped:
                 raise Diverged  # the caller saw this block end shorter
             return _with_text(obj, index, rest) if rest else b""
         if kind == "content_block_stop":
-            sent = self.sent.get(index, 0)
-            if sent < len(block.text) or (block.stopped and sent != len(block.text)):
+            sent, length = self.sent.get(index, 0), len(self.texts[index])
+            if sent < length or (block.stopped and sent != length):
                 raise Diverged
             return b"" if block.stopped else data
         return data

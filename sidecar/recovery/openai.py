@@ -52,7 +52,7 @@ class OpenAIAnswer:
     """What the caller has received of a chat completion stream, by channel."""
 
     def __init__(self) -> None:
-        self.channels: dict[Channel, str] = {}
+        self._parts: dict[Channel, list[str]] = {}  # joined only when a recovery needs them
         self.tools: set[int] = set()  # tool calls whose first delta (id, type) was sent
         self.finished = False  # the caller has choice 0's finish_reason
         self._refusal: str | None = None
@@ -60,6 +60,11 @@ class OpenAIAnswer:
     @property
     def refusal(self) -> str | None:
         return self._refusal
+
+    @property
+    def channels(self) -> dict[Channel, str]:
+        """Each channel's text so far."""
+        return {channel: "".join(parts) for channel, parts in self._parts.items()}
 
     def feed(self, data: bytes) -> None:
         try:
@@ -73,16 +78,16 @@ class OpenAIAnswer:
         if not isinstance(delta, dict):
             return
         for channel, text in _pieces(delta):
-            self.channels[channel] = self.channels.get(channel, "") + text
+            self._parts.setdefault(channel, []).append(text)
             if isinstance(channel, tuple):
                 self.tools.add(channel[0])
 
     def prefill(
         self, request: UpstreamRequest, params: dict[str, Any]
     ) -> tuple[UpstreamRequest, Continuation] | None:
-        text = self.channels.get("content", "")
+        text = "".join(self._parts.get("content", ()))
         body = request.body
-        if set(self.channels) != {"content"} or not text or self.finished:
+        if set(self._parts) != {"content"} or not text or self.finished:
             return None
         if not isinstance(body, dict):
             return None
