@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from sidecar.recovery.base import Continuation, Diverged, overlap
+from sidecar.recovery.base import Continuation, Diverged, HeldReplay, overlap
 from sidecar.upstreams.base import UpstreamRequest
 
 DELTA_TEXT = {"text_delta": "text", "input_json_delta": "partial_json",
@@ -163,36 +163,24 @@ class _Prefilled:
         return None
 
 
-class _Replayed:
+class _Replayed(HeldReplay):
     """The new message held back until it covers the delivered blocks (each the same kind,
     each delivered text a prefix of the new), then only what is new."""
 
     def __init__(self, blocks: dict[int, Block], ended: bool) -> None:
+        super().__init__()
         self.delivered = blocks
         self.texts = {i: block.text for i, block in blocks.items()}
         self.ended = ended  # the caller has the message_delta already
         self.sent: dict[int, int] = {}  # how far each block of the new message is
         self.begun: set[int] = set()
-        self.held: list[bytes] = []
-
-    def push(self, data: bytes) -> list[bytes]:
-        out = self._trim(_event(data), data)
-        if out:
-            self.held.append(out)
-        if not self._covered():
-            return []
-        held, self.held = self.held, []
-        return held
-
-    def end(self) -> None:
-        if not self._covered():
-            raise Diverged
 
     def _covered(self) -> bool:
         return all(i in self.begun and self.sent.get(i, 0) >= len(text)
                    for i, text in self.texts.items())  # fmt: skip
 
-    def _trim(self, obj: dict[str, Any], data: bytes) -> bytes:
+    def _trim(self, data: bytes) -> bytes:
+        obj = _event(data)
         kind, index = obj.get("type"), obj.get("index")
         if kind == "message_start":
             return b""

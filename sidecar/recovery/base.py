@@ -16,6 +16,7 @@ the caller then gets the original failure, never an altered answer.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
 from sidecar.upstreams.base import UpstreamRequest
@@ -69,3 +70,34 @@ def overlap(delivered: str, sent: int, piece: str) -> str:
     if sent < end and piece[: end - sent] != delivered[sent:end]:
         raise Diverged
     return piece[max(0, end - sent) :]
+
+
+class HeldReplay(ABC):
+    """A replay's continuation: each chunk of the new answer trimmed of what the caller
+    already has (`_trim`), held back until the new answer covers the delivered one
+    (`_covered`), then passed on."""
+
+    def __init__(self) -> None:
+        self.held: list[bytes] = []
+
+    @abstractmethod
+    def _trim(self, data: bytes) -> bytes:
+        """The chunk without what the caller already has (b"": nothing left); Diverged when
+        it contradicts what was delivered."""
+
+    @abstractmethod
+    def _covered(self) -> bool:
+        """Whether the new answer so far covers everything delivered."""
+
+    def push(self, data: bytes) -> list[bytes]:
+        trimmed = self._trim(data)
+        if trimmed:
+            self.held.append(trimmed)
+        if not self._covered():
+            return []
+        held, self.held = self.held, []
+        return held
+
+    def end(self) -> None:
+        if not self._covered():
+            raise Diverged

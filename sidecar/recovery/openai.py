@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from sidecar.recovery.base import Continuation, Diverged, overlap
+from sidecar.recovery.base import Continuation, Diverged, HeldReplay, overlap
 from sidecar.upstreams.base import UpstreamRequest
 
 TEXT_CHANNELS = ("content", "refusal", "reasoning_content")
@@ -117,29 +117,16 @@ class _Prefilled:
         return None
 
 
-class _Replayed:
+class _Replayed(HeldReplay):
     """The original request's new answer: held back until it covers what was delivered,
     each channel checked to begin with the delivered text, then only what is new."""
 
     def __init__(self, answer: OpenAIAnswer) -> None:
+        super().__init__()
         self.delivered = answer.channels
         self.finished = answer.finished  # the caller has the whole answer but its end
         self.started = set(answer.tools)  # tool calls the caller has seen begin
         self.sent: dict[Channel, int] = {}  # how far the new answer is, by channel
-        self.held: list[bytes] = []  # what is new, kept until the delivered part is covered
-
-    def push(self, data: bytes) -> list[bytes]:
-        trimmed = self._trim(data)
-        if trimmed:
-            self.held.append(trimmed)
-        if not self._covered():
-            return []
-        held, self.held = self.held, []
-        return held
-
-    def end(self) -> None:
-        if not self._covered():
-            raise Diverged
 
     def _covered(self) -> bool:
         return all(self.sent.get(c, 0) >= len(text) for c, text in self.delivered.items())

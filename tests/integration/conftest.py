@@ -11,6 +11,7 @@ import pytest
 from sidecar.server import SidecarServer
 from tests.integration.faults import FaultServer
 from tests.integration.otlp import OtlpReceiver
+from tests.integration.provider import Provider
 from tests.integration.support import LoopThread, UpstreamApp, sidecar_config, start_sidecar
 
 
@@ -108,3 +109,12 @@ def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtlpReceiver]:
     monkeypatch.setenv("OTEL_SERVICE_NAME", "sidecar-under-test")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def provider(loop_thread: LoopThread) -> Iterator[Provider]:
+    """A fake OpenAI-compatible provider that misbehaves per model name."""
+    server = Provider()
+    loop_thread.run(server.start())
+    yield server
+    loop_thread.run(server.stop())

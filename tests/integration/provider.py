@@ -35,12 +35,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import openai
 import orjson
 from aiohttp import web
 
 from tests.integration.support import serve_app
 
 SNAPSHOT = "-2026-01-01"  # what the answer's `model` adds to the model asked for
+HI = [{"role": "user", "content": "hi"}]
+# short backoffs, and a budget minimum for the retries of single calls
+FAST_RETRY = {"max_attempts": 3, "backoff_initial_s": 0.01, "backoff_max_s": 0.05,
+              "budget_min_retries": 100}  # fmt: skip
 POLICY_MESSAGE = "Your request was rejected as a result of our safety system."
 
 
@@ -282,3 +287,9 @@ class Provider:
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+def openai_client(http_url: str | None) -> openai.OpenAI:
+    """The official client on a sidecar's HTTP front, without its own retries."""
+    assert http_url is not None
+    return openai.OpenAI(base_url=f"{http_url}/v1", api_key="unused", max_retries=0)

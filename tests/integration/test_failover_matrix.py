@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -14,21 +13,17 @@ import pytest
 
 from sidecar.server import SidecarServer
 from tests.integration.conftest import SidecarFactory
-from tests.integration.provider import POLICY_MESSAGE, SNAPSHOT, Provider, answer_text
-from tests.integration.support import LoopThread
+from tests.integration.provider import (
+    FAST_RETRY,
+    HI,
+    POLICY_MESSAGE,
+    SNAPSHOT,
+    Provider,
+    answer_text,
+    openai_client,
+)
 
 HTTP = {"http": "127.0.0.1:0"}
-HI = [{"role": "user", "content": "hi"}]
-FAST_RETRY = {"max_attempts": 3, "backoff_initial_s": 0.01, "backoff_max_s": 0.05,
-              "budget_min_retries": 100}  # fmt: skip
-
-
-@pytest.fixture
-def provider(loop_thread: LoopThread) -> Iterator[Provider]:
-    server = Provider()
-    loop_thread.run(server.start())
-    yield server
-    loop_thread.run(server.stop())
 
 
 def pair(make_sidecar: SidecarFactory, provider: Provider, **policies: Any) -> SidecarServer:
@@ -48,8 +43,7 @@ def pair(make_sidecar: SidecarFactory, provider: Provider, **policies: Any) -> S
 
 
 def client(sidecar: SidecarServer) -> openai.OpenAI:
-    assert sidecar.http_url is not None
-    return openai.OpenAI(base_url=f"{sidecar.http_url}/v1", api_key="unused", max_retries=0)
+    return openai_client(sidecar.http_url)
 
 
 def streamed(api: openai.OpenAI) -> tuple[str, set[str]]:

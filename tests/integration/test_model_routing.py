@@ -6,7 +6,6 @@ client on the HTTP front, the SDK over gRPC."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -16,22 +15,11 @@ import tether
 from sidecar.server import SidecarServer
 from tests.integration.conftest import SidecarFactory
 from tests.integration.otlp import OtlpReceiver
-from tests.integration.provider import SNAPSHOT, Provider
+from tests.integration.provider import FAST_RETRY, HI, SNAPSHOT, Provider, openai_client
 from tests.integration.support import LoopThread
 
 HTTP = {"http": "127.0.0.1:0"}
-HI = [{"role": "user", "content": "hi"}]
-FAST_RETRY = {"max_attempts": 3, "backoff_initial_s": 0.01, "backoff_max_s": 0.05,
-              "budget_min_retries": 100}  # fmt: skip
 BREAKER = {"fail_max": 2, "reset_timeout_s": 60}
-
-
-@pytest.fixture
-def provider(loop_thread: LoopThread) -> Iterator[Provider]:
-    server = Provider()
-    loop_thread.run(server.start())
-    yield server
-    loop_thread.run(server.stop())
 
 
 def upstream(provider: Provider, model: str | None = None, **policies: Any) -> dict[str, Any]:
@@ -45,8 +33,7 @@ def upstream(provider: Provider, model: str | None = None, **policies: Any) -> d
 
 
 def client(sidecar: SidecarServer) -> openai.OpenAI:
-    assert sidecar.http_url is not None
-    return openai.OpenAI(base_url=f"{sidecar.http_url}/v1", api_key="unused", max_retries=0)
+    return openai_client(sidecar.http_url)
 
 
 def test_a_fallback_is_asked_for_its_own_model(

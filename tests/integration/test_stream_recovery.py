@@ -5,7 +5,6 @@ never with a word duplicated, lost or altered; or it ends with the original erro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -14,22 +13,17 @@ import pytest
 import tether
 from sidecar.server import SidecarServer
 from tests.integration.conftest import SidecarFactory
-from tests.integration.provider import SNAPSHOT, Provider, answer_text
-from tests.integration.support import LoopThread
+from tests.integration.provider import (
+    FAST_RETRY,
+    HI,
+    SNAPSHOT,
+    Provider,
+    answer_text,
+    openai_client,
+)
 
 HTTP = {"http": "127.0.0.1:0"}
-HI = [{"role": "user", "content": "hi"}]
 WHOLE = answer_text("hi")
-FAST_RETRY = {"max_attempts": 3, "backoff_initial_s": 0.01, "backoff_max_s": 0.05,
-              "budget_min_retries": 100}  # fmt: skip
-
-
-@pytest.fixture
-def provider(loop_thread: LoopThread) -> Iterator[Provider]:
-    server = Provider()
-    loop_thread.run(server.start())
-    yield server
-    loop_thread.run(server.stop())
 
 
 def spec(provider: Provider, model: str, **extra: Any) -> dict[str, Any]:
@@ -54,8 +48,7 @@ def sidecar_with(
 
 
 def client(sidecar: SidecarServer) -> openai.OpenAI:
-    assert sidecar.http_url is not None
-    return openai.OpenAI(base_url=f"{sidecar.http_url}/v1", api_key="unused", max_retries=0)
+    return openai_client(sidecar.http_url)
 
 
 def read(api: openai.OpenAI, **options: Any) -> tuple[str, list[Any]]:
