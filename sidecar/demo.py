@@ -125,16 +125,22 @@ def _openai_client_act(agent: str, config_path: str) -> int:
 
 def _recovery_act(config_path: str) -> int:
     """The fifth act: a stream cut half-way through its answer, recovered by the sidecar."""
-    from openai import OpenAI
-
+    try:
+        from openai import OpenAI
+        from openai.types.chat import ChatCompletionUserMessageParam
+    except ImportError:
+        print("\ndemo: the `openai` package is not installed; skipping the stream-cut act")
+        return 0
     front = yaml.safe_load(Path(config_path).read_text())["listen"]["http"]
     print("\n== a stream cut mid-answer: llm-cut drops the connection half-way through ==")
     client = OpenAI(base_url=f"http://{front}/v1", api_key="unused", max_retries=0)
-    question = [{"role": "user", "content": "what happens when a stream is cut?"}]
+    question = ChatCompletionUserMessageParam(
+        role="user", content="what happens when a stream is cut?"
+    )
 
     def streamed(model: str) -> tuple[str, int]:
-        chunks = list(client.chat.completions.create(model=model, messages=question,
-                                                     stream=True))  # fmt: skip
+        stream = client.chat.completions.create(model=model, messages=[question], stream=True)
+        chunks = list(stream)
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), len(chunks)
 
     text, count = streamed("llm-cut")
