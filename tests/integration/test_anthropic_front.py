@@ -175,7 +175,8 @@ def test_mock_serves_messages_with_the_default_config(
         with api.messages.stream(model="llm-backup", max_tokens=64, messages=HELLO) as stream:
             assert "".join(stream.text_stream) == "Mock answer to: hi"
             assert stream.get_final_message().usage.output_tokens == 4
-        assert {model.id for model in api.models.list()} == {"llm", "llm-backup", "llm-flaky"}
+        models = {model.id for model in api.models.list()}
+        assert models == {"llm", "llm-backup", "llm-flaky", "llm-cut"}
     finally:
         loop_thread.run(sidecar.drain(0))
 
