@@ -130,9 +130,7 @@ class Pipeline:
     def deadline(self, timeout_s: float | None, budget_s: float | None = None) -> Deadline:
         """The call's deadline: the caller's (`timeout_s`), or the plan's budget when the
         caller set none, or the tighter of the two."""
-        if budget_s is not None and (timeout_s is None or budget_s < timeout_s):
-            timeout_s = budget_s
-        return Deadline.after(self.clock, timeout_s)
+        return Deadline.within(self.clock, timeout_s, budget_s)
 
     # -- admission, shared by proxied and guarded calls ------------------------------------
 
@@ -477,7 +475,9 @@ class Pipeline:
             if exc is caught:
                 raise
             raise exc from None
-        info.observer.first_chunk()
+        if not info.flowing:  # the call's first chunk; not a recovery's
+            info.flowing = True
+            info.observer.first_chunk()
         return OpenStream(route, chunks, first, permit, admission, span)
 
 

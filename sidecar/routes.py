@@ -157,6 +157,7 @@ class StreamInfo(CallTrace):
 
     upstream: str = ""
     usage: Usage | None = None
+    flowing: bool = False  # a first chunk has arrived
 
 
 def timed_out(route: Route, timeout_s: float, by_caller: bool) -> errors.UpstreamError:

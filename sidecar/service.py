@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 import grpc
@@ -354,8 +354,9 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
             info.observer = observed
             plan = plan or route.plan
             deadline = self.pipeline.deadline(timeout_s)
-            if open_timeout_s is not None and (timeout_s is None or open_timeout_s < timeout_s):
-                timeout_s = open_timeout_s
+            if open_timeout_s is not None:  # bounds the first chunk, and each recovery's
+                budget = plan.budget_s
+                plan = replace(plan, budget_s=min(open_timeout_s, budget or open_timeout_s))
             opening = self.pipeline.deadline(timeout_s, plan.budget_s)
             if self._journaled(request):
                 ident = self._ident(request, route, call.operation, stream=True)

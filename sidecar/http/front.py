@@ -253,8 +253,9 @@ class HttpFront:
             return await self._stream(request, prepared, rpc, trace, framing,
                                       (timeout_s, read_timeout_s))  # fmt: skip
         # a unary answer's headers come when the call is over: the client's read timeout
-        # is its deadline
-        timeout_s = timeout_s if timeout_s is not None else read_timeout_s
+        # is a deadline too
+        if read_timeout_s is not None and (timeout_s is None or read_timeout_s < timeout_s):
+            timeout_s = read_timeout_s
         proxied = await self.service.proxy(call, rpc, trace, timeout_s, plan, prepared.body)
         answer = proxied.response
         headers = {

@@ -118,6 +118,10 @@ async def recovering(
                 _outcome(info, opened.route, "continued" if mode == "prefill" else "replayed")
             return
         except (errors.UpstreamError, Diverged) as exc:
+            if answer.complete:  # failed after its end reached the caller: it is whole
+                log.info("stream of %r failed after its end was delivered: complete",
+                         opened.route.name)  # fmt: skip
+                return
             if recovery is None:
                 if not isinstance(exc, errors.UpstreamError):
                     raise
@@ -157,8 +161,7 @@ async def _take_over(
     if deadline.expired() or getattr(failure, "caller_deadline", False):
         return None
     left = deadline.remaining()
-    budget = plan.budget_s if left is None or plan.budget_s is None else min(left, plan.budget_s)
-    opening = Deadline.after(deadline.clock, budget)
+    opening = Deadline.within(deadline.clock, left if deadline.caller else None, plan.budget_s)
     for target in _order(plan, cut):
         if target.name in recovery.tried or target.continuation == "none":
             continue

@@ -30,6 +30,7 @@ class Block:
     name: str  # a tool_use block's tool
     parts: list[str] = field(default_factory=list)  # its deltas' text, joined when needed
     stopped: bool = False
+    others: int = 0  # deltas of other types (citations...), passed on as they are
 
     @property
     def text(self) -> str:
@@ -37,7 +38,7 @@ class Block:
 
     def frozen(self) -> Block:
         """A copy with the text as it is now."""
-        return Block(self.kind, self.name, [self.text], self.stopped)
+        return Block(self.kind, self.name, [self.text], self.stopped, self.others)
 
 
 def _event(data: bytes) -> dict[str, Any]:
@@ -45,6 +46,12 @@ def _event(data: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise Diverged
     return obj
+
+
+def _is_text(obj: dict[str, Any]) -> bool:
+    """Whether a content_block_delta carries text of a type recovery compares."""
+    delta = obj.get("delta")
+    return isinstance(delta, dict) and delta.get("type") in DELTA_TEXT
 
 
 def _delta_text(obj: dict[str, Any]) -> str:
@@ -92,6 +99,11 @@ class AnthropicAnswer:
         self.blocks: dict[int, Block] = {}
         self.ended = False  # the caller has the message_delta that ends the message
 
+    @property
+    def complete(self) -> bool:
+        """The caller has the whole message (its message_delta): nothing to recover."""
+        return self.ended
+
     def feed(self, data: bytes) -> None:
         try:
             obj = _event(data)
@@ -105,7 +117,10 @@ class AnthropicAnswer:
         if kind == "content_block_start":
             self.blocks[index] = _started(obj)
         elif kind == "content_block_delta" and index in self.blocks:
-            self.blocks[index].parts.append(_delta_text(obj))
+            if _is_text(obj):
+                self.blocks[index].parts.append(_delta_text(obj))
+            else:
+                self.blocks[index].others += 1
         elif kind == "content_block_stop" and index in self.blocks:
             self.blocks[index].stopped = True
 
@@ -117,10 +132,17 @@ class AnthropicAnswer:
         body = request.body
         if not blocks or any(b.kind != "text" for b in blocks) or not text.strip() or self.ended:
             return None
-        if not isinstance(body, dict):
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list) or not isinstance(body, dict):
             return None
+        last = messages[-1] if messages else None
+        if isinstance(last, dict) and last.get("role") == "assistant":
+            if not isinstance(last.get("content"), str):
+                return None  # the caller's own prefill, in blocks: not extended
+            text = last["content"] + text
+            messages = messages[:-1]
         prefill = text.rstrip()
-        messages = [*body.get("messages", []), {"role": "assistant", "content": prefill}]
+        messages = [*messages, {"role": "assistant", "content": prefill}]
         body = {**body, **params, "messages": messages}
         last = max(self.blocks)
         base = last if not self.blocks[last].stopped else last + 1
@@ -152,7 +174,7 @@ class _Prefilled:
             if _started(obj).kind != "text":
                 raise Diverged  # it does not go on with the text block that was cut
             return []
-        if kind == "content_block_delta" and index == 0 and self.space:
+        if kind == "content_block_delta" and index == 0 and self.space and _is_text(obj):
             text = _delta_text(obj)
             same = _common(self.space, text)
             text, self.space = text[same:], self.space[same:] if same == len(text) else ""
@@ -171,6 +193,7 @@ class _Replayed(HeldReplay):
         super().__init__()
         self.delivered = blocks
         self.texts = {i: block.text for i, block in blocks.items()}
+        self.others: dict[int, int] = {}  # other deltas of each block in the new message
         self.ended = ended  # the caller has the message_delta already
         self.sent: dict[int, int] = {}  # how far each block of the new message is
         self.begun: set[int] = set()
@@ -199,6 +222,9 @@ class _Replayed(HeldReplay):
                 raise Diverged
             self.begun.add(index)
             return b""
+        if kind == "content_block_delta" and not _is_text(obj):
+            self.others[index] = self.others.get(index, 0) + 1
+            return b"" if self.others[index] <= block.others else data
         if kind == "content_block_delta":
             piece = _delta_text(obj)
             sent = self.sent.get(index, 0)

@@ -47,6 +47,12 @@ class Answer(Protocol):
         """Why this answer cannot be recovered at all (None: it can)."""
         ...
 
+    @property
+    def complete(self) -> bool:
+        """The caller has the whole answer already (its end was delivered, the stream failed
+        after it): nothing to recover, nothing more to send."""
+        ...
+
     def feed(self, data: bytes) -> None:
         """One chunk the caller received."""
         ...

@@ -1,9 +1,12 @@
 """Mid-stream recovery for OpenAI's chat completion chunks (see `sidecar.recovery.base`).
 
-Channels of choice 0's `delta`: `content`, `refusal`, `reasoning_content` (what reasoning
-servers stream), and each tool call's `name` and `arguments` by its `index`. A tool call's
-`id` and `type` are passed on once, with its first delta. `n > 1` (several choices) is not
-recovered: the clear reason is `refusal`.
+Every string in choice 0's `delta` is a channel, by its path: `content`, `refusal`,
+`reasoning_content` or `reasoning` (what reasoning servers stream), `function_call.arguments`,
+`audio.transcript`, each tool call's `function.name` and `function.arguments` by its `index`,
+and any field added later. Inside a nested object, `id`, `type` and non-string values are
+said once, with the object's first delta, and not compared. `role` is never said again. A
+replay's chunk that was trimmed loses its `logprobs` (they would repeat delivered tokens).
+`n > 1` (several choices) is not recovered: the clear reason is `refusal`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import orjson
 from sidecar.recovery.base import Continuation, Diverged, HeldReplay, overlap
 from sidecar.upstreams.base import UpstreamRequest
 
-TEXT_CHANNELS = ("content", "refusal", "reasoning_content")
-Channel = str | tuple[int, str]  # a text channel, or (tool index, "name" | "arguments")
+Path = tuple[Any, ...]  # keys, and list items by their `index`
+ONCE = ("id", "type")  # said with a nested object's first delta, never compared
 
 
 def _choice(obj: Any) -> dict[str, Any] | None:
@@ -30,31 +33,63 @@ def _choice(obj: Any) -> dict[str, Any] | None:
     return choices[0]
 
 
-def _pieces(delta: dict[str, Any]) -> list[tuple[Channel, str]]:
-    pieces: list[tuple[Channel, str]] = []
-    for name in TEXT_CHANNELS:
-        text = delta.get(name)
-        if isinstance(text, str) and text:
-            pieces.append((name, text))
-    calls = delta.get("tool_calls")
-    for call in calls if isinstance(calls, list) else ():
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(call.get("index", 0), int):
-            continue
-        for part in ("name", "arguments"):
-            text = function.get(part)
-            if isinstance(text, str) and text:
-                pieces.append(((call.get("index", 0), part), text))
-    return pieces
+def _walk(value: dict[str, Any], path: Path, texts: list[Any], once: list[Any]) -> None:
+    """The delta's strings to compare (`texts`) and what nested objects say once, by path."""
+    for key, item in value.items():
+        here = (*path, key)
+        if isinstance(item, dict):
+            _walk(item, here, texts, once)
+        elif isinstance(item, list):
+            for entry in item:
+                if isinstance(entry, dict) and isinstance(entry.get("index", 0), int):
+                    rest = {k: v for k, v in entry.items() if k != "index"}
+                    _walk(rest, (*here, entry.get("index", 0)), texts, once)
+        elif not path:
+            if isinstance(item, str) and item and key != "role":
+                texts.append((here, item))
+        elif isinstance(item, str) and key not in ONCE:
+            if item:
+                texts.append((here, item))
+        elif item is not None:
+            once.append((here, item))
+
+
+def _pieces(delta: dict[str, Any]) -> tuple[list[tuple[Path, str]], list[tuple[Path, Any]]]:
+    texts: list[tuple[Path, str]] = []
+    once: list[tuple[Path, Any]] = []
+    _walk(delta, (), texts, once)
+    return texts, once
+
+
+def _build(items: list[tuple[Path, Any]]) -> dict[str, Any]:
+    """A delta holding `items` at their paths (list items rebuilt with their `index`)."""
+    root: dict[str, Any] = {}
+    for path, value in items:
+        node, i = root, 0
+        while i < len(path) - 1:
+            key, following = path[i], path[i + 1]
+            if isinstance(following, int):
+                entries = node.setdefault(key, [])
+                entry = next((e for e in entries if e["index"] == following), None)
+                if entry is None:
+                    entry = {"index": following}
+                    entries.append(entry)
+                node, i = entry, i + 2
+            else:
+                node, i = node.setdefault(key, {}), i + 1
+        if i == len(path) - 1:
+            node[path[-1]] = value
+    return root
 
 
 class OpenAIAnswer:
     """What the caller has received of a chat completion stream, by channel."""
 
     def __init__(self) -> None:
-        self._parts: dict[Channel, list[str]] = {}  # joined only when a recovery needs them
-        self.tools: set[int] = set()  # tool calls whose first delta (id, type) was sent
+        self._parts: dict[Path, list[str]] = {}  # joined only when a recovery needs them
+        self.begun: set[Path] = set()  # nested objects whose first delta was sent
         self.finished = False  # the caller has choice 0's finish_reason
+        self.usage_sent = False  # ... and the usage chunk
         self._refusal: str | None = None
 
     @property
@@ -62,36 +97,59 @@ class OpenAIAnswer:
         return self._refusal
 
     @property
-    def channels(self) -> dict[Channel, str]:
+    def complete(self) -> bool:
+        """The caller has the whole answer (its finish_reason): nothing to recover."""
+        return self.finished
+
+    @property
+    def channels(self) -> dict[Path, str]:
         """Each channel's text so far."""
-        return {channel: "".join(parts) for channel, parts in self._parts.items()}
+        return {path: "".join(parts) for path, parts in self._parts.items()}
 
     def feed(self, data: bytes) -> None:
         try:
-            choice = _choice(orjson.loads(data))
-        except (orjson.JSONDecodeError, Diverged):
+            obj = orjson.loads(data)
+            choice = _choice(obj)
+        except orjson.JSONDecodeError:
+            self._refusal = "a chunk that is not JSON"
+            return
+        except Diverged:
             self._refusal = "n > 1: an answer of several choices is not recovered"
             return
-        if choice is not None and choice.get("finish_reason"):
+        if not isinstance(obj, dict):
+            self._refusal = "a chunk that is not a chat completion chunk"
+            return
+        if choice is None:
+            self.usage_sent = self.usage_sent or isinstance(obj.get("usage"), dict)
+            return
+        if choice.get("finish_reason"):
             self.finished = True
-        delta = choice.get("delta") if choice is not None else None
+        delta = choice.get("delta")
         if not isinstance(delta, dict):
             return
-        for channel, text in _pieces(delta):
-            self._parts.setdefault(channel, []).append(text)
-            if isinstance(channel, tuple):
-                self.tools.add(channel[0])
+        texts, once = _pieces(delta)
+        for path, text in texts:
+            self._parts.setdefault(path, []).append(text)
+        for path, _ in (*texts, *once):
+            self.begun.update(path[:end] for end in range(1, len(path)))
 
     def prefill(
         self, request: UpstreamRequest, params: dict[str, Any]
     ) -> tuple[UpstreamRequest, Continuation] | None:
-        text = "".join(self._parts.get("content", ()))
+        text = "".join(self._parts.get(("content",), ()))
         body = request.body
-        if set(self._parts) != {"content"} or not text or self.finished:
+        if set(self._parts) != {("content",)} or not text or self.finished:
             return None
-        if not isinstance(body, dict):
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list):
             return None
-        messages = [*body.get("messages", []), {"role": "assistant", "content": text}]
+        last = messages[-1] if messages else None
+        if isinstance(last, dict) and last.get("role") == "assistant":
+            if not isinstance(last.get("content"), str):
+                return None  # the caller's own prefill, in parts: not extended
+            messages = [*messages[:-1], {**last, "content": last["content"] + text}]
+        else:
+            messages = [*messages, {"role": "assistant", "content": text}]
         body = {**body, **params, "messages": messages}
         return UpstreamRequest(request.operation, orjson.dumps(body), body,
                                request.idempotency_key, request.run_id,
@@ -110,7 +168,7 @@ class _Prefilled:
         if choice is None:
             return [data]
         delta = choice.get("delta")
-        opening = isinstance(delta, dict) and not _pieces(delta)
+        opening = isinstance(delta, dict) and not any(_pieces(delta))
         return [] if opening and not choice.get("finish_reason") else [data]
 
     def end(self) -> None:
@@ -125,8 +183,9 @@ class _Replayed(HeldReplay):
         super().__init__()
         self.delivered = answer.channels
         self.finished = answer.finished  # the caller has the whole answer but its end
-        self.started = set(answer.tools)  # tool calls the caller has seen begin
-        self.sent: dict[Channel, int] = {}  # how far the new answer is, by channel
+        self.usage_sent = answer.usage_sent
+        self.begun = set(answer.begun)  # nested objects the caller has seen begin
+        self.sent: dict[Path, int] = {}  # how far the new answer is, by channel
 
     def _covered(self) -> bool:
         return all(self.sent.get(c, 0) >= len(text) for c, text in self.delivered.items())
@@ -136,43 +195,35 @@ class _Replayed(HeldReplay):
         obj = orjson.loads(data)
         choice = _choice(obj)
         if choice is None:
-            return data
+            return b"" if self.usage_sent and isinstance(obj.get("usage"), dict) else data
         delta = choice.get("delta")
-        delta = delta if isinstance(delta, dict) else {}
-        new: dict[str, Any] = {}
-        calls: dict[int, dict[str, Any]] = {}
-        for channel, piece in _pieces(delta):
-            sent = self.sent.get(channel, 0)
-            rest = overlap(self.delivered.get(channel, ""), sent, piece)
-            self.sent[channel] = sent + len(piece)
+        texts, once = _pieces(delta if isinstance(delta, dict) else {})
+        kept: list[tuple[Path, Any]] = []
+        trimmed = False
+        for path, piece in texts:
+            sent = self.sent.get(path, 0)
+            rest = overlap(self.delivered.get(path, ""), sent, piece)
+            self.sent[path] = sent + len(piece)
             if rest and self.finished:
                 raise Diverged  # longer than the answer the caller saw end
-            if not rest:
-                continue
-            if isinstance(channel, str):
-                new[channel] = rest
-            else:
-                call = calls.setdefault(channel[0], {"index": channel[0], "function": {}})
-                call["function"][channel[1]] = rest
-        self._first_deltas(delta, calls)
+            trimmed = trimmed or rest != piece
+            if rest:
+                kept.append((path, rest))
+        for path, value in once:
+            if path[:-1] not in self.begun:
+                kept.append((path, value))
+        for path, _ in (*texts, *once):
+            self.begun.update(path[:end] for end in range(1, len(path)))
         finish = choice.get("finish_reason")
         if finish and not self._covered():
             raise Diverged  # the new answer ended before it covered the delivered one
         if self.finished:
             finish = None  # the caller has it already
-        if not new and not calls and not finish:
+        if not kept and not finish:
             return b""
         if self.finished:
-            raise Diverged  # a tool call the answer the caller saw end did not have
-        if calls:
-            new["tool_calls"] = [calls[index] for index in sorted(calls)]
-        return orjson.dumps({**obj, "choices": [{**choice, "delta": new}]})
-
-    def _first_deltas(self, delta: dict[str, Any], calls: dict[int, dict[str, Any]]) -> None:
-        """A tool call the caller has not seen begin gets its id and type passed on."""
-        for call in delta.get("tool_calls") or ():
-            index = call.get("index", 0) if isinstance(call, dict) else None
-            if isinstance(index, int) and index not in self.started:
-                entry = calls.setdefault(index, {"index": index, "function": {}})
-                entry.update({k: v for k, v in call.items() if k in ("id", "type")})
-                self.started.add(index)
+            raise Diverged  # something the answer the caller saw end did not have
+        new = {**choice, "delta": _build(kept), "finish_reason": finish}
+        if trimmed:
+            new["logprobs"] = None
+        return orjson.dumps({**obj, "choices": [new]})

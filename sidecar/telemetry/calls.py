@@ -319,6 +319,9 @@ class TracedCall(CallObserver):
             span, started, upstream = token
             self.upstream_s += time.perf_counter() - started
             self.t.metrics.attempts_of(upstream, "ok" if exc is None else "error").inc()
+            body = response.body if response is not None else None
+            if body is not None and isinstance(model := body.get("model"), str):
+                self.response_model = model  # what answered, for its price, traced or not
             if span.is_recording():
                 self._attempt_attributes(span, upstream, response, exc)
         except Exception:

@@ -518,3 +518,81 @@ def test_anthropic_replay_after_the_message_delta_passes_nothing_more() -> None:
     push_all(longer, delivered[:4])
     with pytest.raises(Diverged):
         longer.push(block_start(1))
+
+
+# What the review of the first version found
+
+
+def test_openai_replay_keeps_fields_it_does_not_know_and_legacy_function_calls() -> None:
+    """Every string of the delta is a channel: a `reasoning` field (OpenRouter, newer vLLM)
+    and a legacy `function_call` cut mid-arguments are trimmed and passed on like content,
+    never dropped (a truncated call is never made to look complete)."""
+    call = {"name": "get_weather", "arguments": '{"city": "Pa'}
+    delivered = [opening(), chunk({"reasoning": "Let me th"}), chunk({"function_call": call})]
+    replay = openai_answer(*delivered).replay()
+    new = [opening(), chunk({"reasoning": "Let me think."}),
+           chunk({"function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}),
+           finish("function_call")]  # fmt: skip
+    out = deltas(flat(push_all(replay, new))[:-1])
+    assert out == [{"reasoning": "ink."}, {"function_call": {"arguments": 'ris"}'}}]
+
+
+def test_openai_trimmed_chunk_loses_its_logprobs() -> None:
+    """The chunk that straddles the cut would repeat delivered tokens' logprobs: it has none."""
+    replay = openai_answer(opening(), text("Hel")).replay()
+    logprobs = {"content": [{"token": "Hello", "logprob": -0.1, "bytes": None,
+                             "top_logprobs": []}]}  # fmt: skip
+    with_logprobs = orjson.loads(text("Hello"))
+    with_logprobs["choices"][0]["logprobs"] = logprobs
+    out = flat(push_all(replay, [orjson.dumps(with_logprobs)]))
+    assert orjson.loads(out[0])["choices"][0]["logprobs"] is None
+    assert deltas(out) == [{"content": "lo"}]
+
+
+def test_openai_usage_chunk_is_not_passed_twice_and_a_finished_answer_is_complete() -> None:
+    """After the finish and the usage chunk reached the caller the answer is complete; a
+    replay would not pass the usage chunk again."""
+    answer = openai_answer(opening(), text("Hi"), finish(), usage_chunk())
+    assert answer.complete and answer.usage_sent
+    assert flat(push_all(answer.replay(), [opening(), text("Hi"), finish(), usage_chunk()])) == []
+    assert not openai_answer(opening(), text("Hi")).complete
+
+
+def test_openai_prefill_extends_the_callers_own_prefill() -> None:
+    """A request that already ends with the assistant's words (its own prefill) is extended,
+    not given a second assistant turn."""
+    body = {**CHAT_BODY, "messages": [*HI, {"role": "assistant", "content": "The weather"}]}
+    request = UpstreamRequest("chat", orjson.dumps(body), body)
+    made = openai_answer(opening(), text(" in Paris")).prefill(request, {})
+    assert made is not None
+    assert made[0].body["messages"][-1] == {"role": "assistant", "content": "The weather in Paris"}
+    assert len(made[0].body["messages"]) == 2
+
+
+def citation(index: int) -> bytes:
+    citation = {"type": "web_search_result_location", "url": "https://example.com",
+                "title": "Example", "cited_text": "x", "encrypted_index": "e"}  # fmt: skip
+    return orjson.dumps({"type": "content_block_delta", "index": index,
+                         "delta": {"type": "citations_delta", "citation": citation}})  # fmt: skip
+
+
+def test_anthropic_replay_passes_deltas_it_does_not_compare_once() -> None:
+    """A citations_delta the caller had is not passed again; the replay's next one is."""
+    delivered = [message_start(), block_start(0), text_delta(0, "Par"), citation(0)]
+    replay = anthropic_answer(*delivered).replay()
+    new = [message_start(), block_start(0), text_delta(0, "Paris"), citation(0), citation(0),
+           block_stop(0), message_delta()]  # fmt: skip
+    out = events(flat(push_all(replay, new)))
+    assert [e["delta"]["type"] for e in out if e["type"] == "content_block_delta"] == [
+        "text_delta", "citations_delta"]  # fmt: skip
+
+
+def test_anthropic_prefill_passes_other_deltas_while_white_space_is_pending() -> None:
+    """A citations_delta at the continuation's start is passed on, not taken for text."""
+    answer = anthropic_answer(message_start(), block_start(0), text_delta(0, "Paris, "))
+    made = answer.prefill(MESSAGES, {})
+    assert made is not None
+    _, continuation = made
+    out = events(continuation.push(citation(0)) + continuation.push(text_delta(0, " France")))
+    assert [e["delta"]["type"] for e in out] == ["citations_delta", "text_delta"]
+    assert out[1]["delta"]["text"] == "France"

@@ -82,8 +82,9 @@ def test_the_defaults_are_the_documented_ones() -> None:
 
 async def test_a_silent_upstream_costs_two_attempts_and_the_budget() -> None:
     """No fallback, default config: the first attempt times out at 60 s, is retried once, and
-    the call ends at the 120 s budget with a deadline error carrying 2 attempts; each
-    attempt's request was cancelled."""
+    the call ends at the 120 s budget with a timeout error carrying 2 attempts (the budget's
+    cut is the upstream's own timeout, not the caller's); each attempt's request was
+    cancelled."""
     clock = ManualClock()
     silent = Silent("u", clock)
     p = defaults(clock, [silent])
@@ -94,7 +95,7 @@ async def test_a_silent_upstream_costs_two_attempts_and_the_budget() -> None:
         await drive(clock, p.call(route, REQUEST, p.deadline(None, route.plan.budget_s), trace),
                     step_s=0.05)  # fmt: skip
     assert clock.now() - started == pytest.approx(120.0, abs=0.2)  # drive's steps
-    assert info.value.caller_deadline and info.value.attempts == 2
+    assert not info.value.caller_deadline and info.value.attempts == 2
     assert silent.started[0] - started <= 0.05 and silent.started[1] - started >= 60.0
     assert silent.hits == 2 and silent.cancelled == 2
 
@@ -179,4 +180,20 @@ async def test_a_silent_stream_ends_at_the_budget() -> None:
     with pytest.raises(errors.UpstreamTimeoutError) as caught:
         await drive(clock, read(), step_s=0.05)
     assert clock.now() - started == pytest.approx(120.0, abs=0.2)
-    assert caught.value.caller_deadline and info.attempts == 2 and silent.cancelled == 2
+    assert not caught.value.caller_deadline and info.attempts == 2 and silent.cancelled == 2
+
+
+async def test_a_budget_no_longer_than_an_attempt_counts_against_the_upstream() -> None:
+    """A 60 s budget with 60 s attempts leaves no time for the fallback: the silent primary's
+    cut is its own timeout, so its breaker opens, and the next call goes to the backup."""
+    clock = ManualClock()
+    silent, backup = Silent("u", clock), Fake("b", fail=0)
+    p = defaults(clock, [silent, backup], fallback=["b"], total_timeout_s=60,
+                 breaker={"fail_max": 1, "reset_timeout_s": 600})  # fmt: skip
+    route = p.routes["u"]
+    with pytest.raises(errors.UpstreamTimeoutError) as info:
+        await drive(clock, p.call(route, REQUEST, p.deadline(None, route.plan.budget_s)))
+    assert not info.value.caller_deadline
+    assert route.breaker is not None and route.breaker.state == "open"
+    result = await drive(clock, p.call(route, REQUEST, p.deadline(None, route.plan.budget_s)))
+    assert result.upstream == "b" and (silent.hits, backup.hits) == (1, 1)
