@@ -84,6 +84,7 @@ class Model:
     text: str | None = None  # the answer, instead of `answer_text`'s
     choices: int = 1  # streamed choices (as `n` asks)
     down_until: float = 0.0  # until this time.monotonic(), every request is a 503
+    chunk_gap_s: float = 0.0  # the pause before each streamed content chunk
 
     def down_for(self, seconds: float) -> Model:
         self.down_until = time.monotonic() + seconds
@@ -246,6 +247,8 @@ class Provider:
         parts = tokens(text)
         broken = fault in ("cut", "stall", "malformed", "error_event")
         for part in parts[: served.cut_after] if broken else parts:
+            if served.chunk_gap_s:
+                await asyncio.sleep(served.chunk_gap_s)
             await resp.write(chunk({"content": part}))
         if broken:
             await self._break(request, resp, fault)

@@ -313,3 +313,20 @@ def test_a_primary_down_for_a_window_comes_back(
     late = [by for at, by in served if at > back_at + 0.5 + 0.2]
     assert late and set(late) == {"primary"}
     assert served[-1][1] == "primary"
+
+
+def test_a_stream_that_keeps_delivering_outlives_the_budget(
+    make_sidecar: SidecarFactory, provider: Provider
+) -> None:
+    """A route budget of 0.5 s bounds getting the stream flowing, not a healthy stream: ten
+    chunks 0.15 s apart (1.5 s) reach the client whole, from the primary, in one attempt."""
+    provider.model("primary-model").chunk_gap_s = 0.15
+    upstreams = {"primary": {"kind": "model", "type": "openai", "base_url": provider.base_url,
+                             "model": "primary-model"}}  # fmt: skip
+    routes = {"chat": {"upstream": "primary", "total_timeout_s": 0.5}}
+    sidecar = make_sidecar(upstreams, listen=HTTP, routes=routes)
+    started = time.monotonic()
+    text, models = streamed(client(sidecar))
+    assert text == answer_text("hi") and models == {"primary-model" + SNAPSHOT}
+    assert time.monotonic() - started >= 1.0
+    assert provider.models_tried() == ["primary-model"]
