@@ -8,6 +8,7 @@ Defaults live in this package and only here (`base`: addresses and limits, `poli
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from importlib import resources
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from sidecar.config.base import (
     CONTROL_CHARS,
@@ -436,6 +437,33 @@ def _route_problems(config: Config) -> list[str]:
     return problems
 
 
+_UPSTREAM: TypeAdapter[UpstreamConfig] = TypeAdapter(UpstreamConfig)
+
+
+def _partial_cross_check(data: dict[str, Any]) -> list[str]:
+    """The cross-field problems among the upstreams and routes that are valid on their own,
+    when other fields are not: one pass reports both kinds. A reference to an upstream that
+    is present but invalid is not reported again."""
+    upstreams, broken = {}, set()
+    raw_upstreams = data.get("upstreams")
+    for name, spec in raw_upstreams.items() if isinstance(raw_upstreams, dict) else ():
+        try:
+            upstreams[name] = _UPSTREAM.validate_python(spec)
+        except ValidationError:
+            broken.add(name)
+    routes = {}
+    raw_routes = data.get("routes")
+    for model, spec in raw_routes.items() if isinstance(raw_routes, dict) else ():
+        with contextlib.suppress(ValidationError):
+            routes[model] = RouteConfig.model_validate(spec)
+    partial = Config.model_construct(upstreams=upstreams, routes=routes)
+    try:
+        problems = _cross_check(partial)
+    except Exception:  # a partial config the checks cannot read: the field errors stand alone
+        return []
+    return [p for p in problems if not any(f"no upstream named {b!r}" in p for b in broken)]
+
+
 def parse_config(data: Any, source: str = "<config>") -> Config:
     """Validate already-loaded YAML data; ConfigError names each bad field."""
     if data is None:
@@ -445,7 +473,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, _problems(exc)) from None
+        raise ConfigError(source, _problems(exc) + _partial_cross_check(data)) from None
     problems = _cross_check(config)
     if problems:
         raise ConfigError(source, problems)

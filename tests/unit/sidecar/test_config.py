@@ -388,3 +388,28 @@ def test_a_routes_budget_overrides_its_upstreams() -> None:
     plans = Pipeline(config, build_upstreams(config)).model_plans
     assert {name: plan.budget_s for name, plan in plans.items()} == {
         "fast": 5, "slow": 30, "free": None}  # fmt: skip
+
+
+def test_field_and_cross_reference_errors_in_one_pass() -> None:
+    """A file with a bad field and a route to a missing upstream reports both at once; a
+    reference to an upstream that is present but invalid is reported once, at the upstream."""
+    data = {
+        "listen": {"http": "7701"},
+        "upstreams": {"a": {"kind": "model", "type": "mock"},
+                      "bad": {"kind": "model", "type": "mock", "latency_ms": -1}},
+        "routes": {"x": {"upstream": "nope"}, "y": {"upstream": "bad"},
+                   "z": {"upstream": "a", "fallback": ["gone"]}},
+    }  # fmt: skip
+    assert problems_of_data(data) == [
+        "listen.http: expected host:port or unix:PATH, got '7701'",
+        "upstreams.bad.latency_ms: Input should be greater than or equal to 0",
+        "routes.x.upstream: no upstream named 'nope'",
+        "routes.z.fallback: no upstream named 'gone'",
+    ]
+
+
+@pytest.mark.parametrize("upstreams", [["a"], "a", 3])
+def test_upstreams_of_the_wrong_shape_are_one_clear_error(upstreams: Any) -> None:
+    """`upstreams` that is not a mapping: one problem naming it, never a traceback."""
+    problems = problems_of_data({"upstreams": upstreams, "listen": {"http": "x"}})
+    assert any(p.startswith("upstreams: Input should be a valid dictionary") for p in problems)
