@@ -14,7 +14,8 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
-from rich.console import Console, Group
+from rich import box
+from rich.console import Console, Group, JustifyMethod
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -66,8 +67,22 @@ def quantile(q: float, now: list[tuple[float, float]], before: list[tuple[float,
     return previous
 
 
+# (header, justify): rates over the last interval, the state now, then totals since start (Σ)
+COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
+    ("upstream", "left"), ("state", "left"), ("req/s", "right"), ("err/s", "right"),
+    ("p50", "right"), ("p99", "right"), ("busy", "right"), ("Σretry", "right"),
+    ("Σfallbk", "right"), ("Σrefuse", "right"), ("budget", "right"),
+)  # fmt: skip
+BREAKER_SHORT = {"closed": "ok", "half_open": "half", "open": "OPEN", "disabled": "off"}
+LEGEND = (
+    "state: breaker (ok, half open, OPEN, off); /s, p50 and p99 (ms): over the last "
+    "interval; busy: in flight+queued now; Σ: totals since start; budget: retries left"
+)
+
+
 def table(now: Reading, before: Reading) -> Group:
-    """The view of two readings that both have a status."""
+    """The view of two readings that both have a status: one row per upstream, readable at
+    80 columns (an upstream's long name folds onto a second line)."""
     assert now.status is not None and before.status is not None
     seconds = max(now.at - before.at, 1e-9)
     status = now.status
@@ -75,25 +90,31 @@ def table(now: Reading, before: Reading) -> Group:
         f"tether {status.version}  config {status.config_version}  "
         f"{'serving' if status.serving else 'NOT SERVING'}  in flight {status.in_flight}"
     )
-    grid = Table(expand=True)
-    for column in ("upstream", "breaker", "calls/s", "errors/s", "p50 ms", "p99 ms", "in flight",
-                   "queued", "retries", "budget", "fallbacks", "refused"):  # fmt: skip
-        grid.add_column(column, justify="left" if column in ("upstream", "breaker") else "right")
+    grid = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0), pad_edge=False)
+    for header, justify in COLUMNS:
+        width = 16 if header == "upstream" else None
+        grid.add_column(header, justify=justify, overflow="fold", max_width=width)
     for name, up in status.upstreams.items():
         old = before.status.upstreams.get(name, up)
         p50 = p99 = float("nan")
         if name in now.buckets:
             p50 = quantile(0.5, now.buckets[name], before.buckets.get(name, []))
             p99 = quantile(0.99, now.buckets[name], before.buckets.get(name, []))
-        style = BREAKER_STYLE.get(up.breaker_state, "")
+        state = Text(BREAKER_SHORT.get(up.breaker_state, up.breaker_state),
+                     style=BREAKER_STYLE.get(up.breaker_state, ""))  # fmt: skip
         budget = up.gauges.get("retry.budget_left")
         grid.add_row(
-            name, Text(up.breaker_state, style=style),
-            f"{(up.calls - old.calls) / seconds:.1f}", f"{(up.errors - old.errors) / seconds:.1f}",
-            _ms(p50), _ms(p99), str(up.in_flight), str(up.queued), str(up.retries),
-            "-" if budget is None else f"{budget:.1f}", str(up.fallbacks), str(up.rejected),
+            name, state, _rate(up.calls - old.calls, seconds),
+            _rate(up.errors - old.errors, seconds), _ms(p50), _ms(p99),
+            f"{up.in_flight}+{up.queued}", str(up.retries), str(up.fallbacks), str(up.rejected),
+            "-" if budget is None else f"{budget:.0f}",
         )  # fmt: skip
-    return Group(head, grid)
+    return Group(head, grid, Text(LEGEND, style="dim"))
+
+
+def _rate(count: int, seconds: float) -> str:
+    rate = count / seconds
+    return f"{rate:.0f}" if rate >= 100 else f"{rate:.1f}"
 
 
 def _ms(seconds: float) -> str:

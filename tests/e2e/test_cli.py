@@ -126,7 +126,9 @@ def test_top_once(short_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     finally:
         assert stop(proc) == 0
     out = capsys.readouterr().out
-    assert "m1" in out and "closed" in out and "calls/s" in out
+    row = next(line for line in out.splitlines() if line.startswith("m1 "))
+    assert row.split()[:2] == ["m1", "ok"]  # the breaker, closed
+    assert "req/s" in out and "Σretry" in out and "Σ: totals since start" in out
 
 
 def test_status_command(short_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:

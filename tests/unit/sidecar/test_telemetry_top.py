@@ -74,3 +74,34 @@ def test_the_live_view_outlives_the_sidecar(short_tmp: Path) -> None:
         loop.stop()
     thread.join(30)
     assert outcome == [0]
+
+
+def test_the_view_fits_80_columns_and_marks_totals() -> None:
+    """At 80 columns every line fits, each upstream's row is there (a long name folds), rates
+    and totals are told apart (Σ and the legend)."""
+    import io
+
+    from rich.console import Console
+
+    from tether._messages import Status, UpstreamStatus
+
+    def upstream(name: str, calls: int) -> UpstreamStatus:
+        return UpstreamStatus(name, "model", "openai", "open", 3, calls, calls // 100, 0,
+                              {"retry.budget_left": 12.0}, queued=1, retries=40, fallbacks=7,
+                              rejected=2)  # fmt: skip
+
+    def status(calls: int) -> Status:
+        names = ("llm", "openai/gpt-4o-mini", "search")
+        return Status("0.1.0", "abc", True, 1.0, 3, {n: upstream(n, calls) for n in names})
+
+    before, now = Reading(0.0, status(1000)), Reading(2.0, status(3000))
+    out = io.StringIO()
+    Console(file=out, width=80, force_terminal=False).print(view(now, before))
+    lines = out.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    header = next(line for line in lines if line.startswith("upstream"))
+    assert header.split() == ["upstream", "state", "req/s", "err/s", "p50", "p99", "busy",
+                              "Σretry", "Σfallbk", "Σrefuse", "budget"]  # fmt: skip
+    llm = next(line for line in lines if line.startswith("llm "))
+    assert llm.split() == ["llm", "OPEN", "1000", "10.0", "-", "-", "3+1", "40", "7", "2", "12"]
+    assert "Σ: totals since start" in " ".join(lines)
