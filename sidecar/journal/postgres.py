@@ -56,8 +56,8 @@ from sidecar.journal.sql import (
     ENTRY_COLUMNS,
     Dialect,
     Done,
-    Plan,
     Queries,
+    SqlPlan,
     advance,
     entry_of,
     error_json,
@@ -94,7 +94,7 @@ def describe(dsn: str) -> str:
     return f"postgresql://{user}{params.get('host', 'localhost')}{port}/{params.get('dbname', '')}"
 
 
-async def run_plan(conn: Conn, plan: Plan[T]) -> T:
+async def run_plan(conn: Conn, plan: SqlPlan[T]) -> T:
     """Drive a plan of `sidecar.journal.sql` on one connection."""
     answer: Any = None
     while not isinstance(step := advance(plan, answer), Done):
@@ -328,7 +328,7 @@ class PostgresJournal:
         return errors.JournalUnavailableError(f"journal store {self.name} unavailable: {reason}")
 
     async def _plan(
-        self, make: Callable[[], Plan[T]], *, write: bool = False, atomic: bool = False
+        self, make: Callable[[], SqlPlan[T]], *, write: bool = False, atomic: bool = False
     ) -> T:
         """Run a plan of `Queries` (a fresh one per attempt), in a transaction if `atomic`."""
 

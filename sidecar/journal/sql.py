@@ -46,7 +46,7 @@ class Statement:
     fetch: Fetch = "count"
 
 
-Plan = Generator[Statement, Any, T]
+SqlPlan = Generator[Statement, Any, T]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,7 @@ class Done:
     value: Any
 
 
-def advance(plan: Plan[Any], reply: Any) -> Statement | Done:
+def advance(plan: SqlPlan[Any], reply: Any) -> Statement | Done:
     """The plan's next statement (sent the reply to the previous one), or its value."""
     try:
         return plan.send(reply)
@@ -224,47 +224,47 @@ class Queries:
 
     # -- entries ---------------------------------------------------------------------
 
-    def get(self, run_id: str, key: str) -> Plan[Entry | None]:
+    def get(self, run_id: str, key: str) -> SqlPlan[Entry | None]:
         row = yield Statement(self.get_sql, (run_id, key), "one")
         return None if row is None else entry_of(row)
 
-    def entries(self, run_id: str) -> Plan[list[Entry]]:
+    def entries(self, run_id: str) -> SqlPlan[list[Entry]]:
         rows = yield Statement(self.entries_sql, (run_id,), "all")
         return [entry_of(row) for row in rows]
 
-    def restart(self, entry: Entry) -> Plan[bool]:
+    def restart(self, entry: Entry) -> SqlPlan[bool]:
         e = entry
         args = (e.request_hash, e.started_at, e.run_id, e.key, e.started_at)
         changed = yield Statement(self.restart_sql, args)
         return bool(changed)
 
-    def forget(self, run_id: str, key: str, started_at: float | None) -> Plan[None]:
+    def forget(self, run_id: str, key: str, started_at: float | None) -> SqlPlan[None]:
         if started_at is None:
             yield Statement(self.forget_sql, (run_id, key))
         else:
             yield Statement(self.forget_sql + " AND started_at = " + self.dialect.param,
                             (run_id, key, started_at))  # fmt: skip
 
-    def delete(self, run_id: str, key: str) -> Plan[None]:
+    def delete(self, run_id: str, key: str) -> SqlPlan[None]:
         yield Statement(self.delete_sql, (run_id, key))
 
-    def count_replay(self, run_id: str, key: str) -> Plan[None]:
+    def count_replay(self, run_id: str, key: str) -> SqlPlan[None]:
         yield Statement(self.count_replay_sql, (run_id, key))
 
-    def count_started(self, running: Iterable[tuple[str, str]]) -> Plan[int]:
+    def count_started(self, running: Iterable[tuple[str, str]]) -> SqlPlan[int]:
         """Entries begun and not completed, except those of `running` (executing now)."""
         rows = yield Statement(self.started_sql, (), "all")
         return len({(run_id, key) for run_id, key in rows} - set(running))
 
     # -- checkpoints and runs ----------------------------------------------------------
 
-    def save_checkpoint(self, cp: Checkpoint) -> Plan[None]:
+    def save_checkpoint(self, cp: Checkpoint) -> SqlPlan[None]:
         self.touched.checkpoints.add(cp.run_id)
         metadata = orjson.dumps(cp.metadata).decode()
         yield Statement(self.save_sql, (cp.run_id, cp.step, cp.state, metadata, cp.saved_at))
         yield Statement(self.checkpoint_run_sql, (cp.run_id, cp.saved_at, cp.saved_at, cp.step))
 
-    def load_checkpoint(self, run_id: str, step: int | None) -> Plan[Checkpoint | None]:
+    def load_checkpoint(self, run_id: str, step: int | None) -> SqlPlan[Checkpoint | None]:
         if step is None:
             statement = Statement(self.load_sql + " ORDER BY step DESC LIMIT 1", (run_id,), "one")
         else:
@@ -273,19 +273,19 @@ class Queries:
         row = yield statement
         return None if row is None else checkpoint_of(row)
 
-    def runs(self, limit: int, after: str) -> Plan[list[RunSummary]]:
+    def runs(self, limit: int, after: str) -> SqlPlan[list[RunSummary]]:
         where = self.dialect.render("WHERE r.run_id > ? ORDER BY r.run_id LIMIT ?")
         rows = yield Statement(self.summaries_sql + where, (after, limit), "all")
         return [RunSummary(*row) for row in rows]
 
-    def run(self, run_id: str) -> Plan[RunSummary | None]:
+    def run(self, run_id: str) -> SqlPlan[RunSummary | None]:
         where = self.dialect.render("WHERE r.run_id = ?")
         rows = yield Statement(self.summaries_sql + where, (run_id,), "all")
         return RunSummary(*rows[0]) if rows else None
 
     # -- retention ---------------------------------------------------------------------
 
-    def expire(self, rules: RetentionConfig, now: float) -> Plan[Retention]:
+    def expire(self, rules: RetentionConfig, now: float) -> SqlPlan[Retention]:
         """One retention pass: by age, then the per-run counts (the newest
         `max_entries_per_run` entries of each run by seq, never one in doubt; its newest
         `max_checkpoints_per_run` checkpoints by step), then runs left empty.
@@ -317,7 +317,7 @@ class Queries:
         removed.runs = yield Statement(expire_runs, (cutoff,))
         return removed
 
-    def _over(self, sql: str, runs: set[str], everything: bool, limit: int) -> Plan[list[str]]:
+    def _over(self, sql: str, runs: set[str], everything: bool, limit: int) -> SqlPlan[list[str]]:
         """Of `runs` (or of every run), those over `limit`."""
         names = sorted(runs)
         chunks = (
@@ -333,7 +333,9 @@ class Queries:
             found += [run_id for (run_id,) in rows]
         return found
 
-    def _prune(self, table: str, order: str, run_id: str, keep: int, spare: str = "") -> Plan[int]:
+    def _prune(
+        self, table: str, order: str, run_id: str, keep: int, spare: str = ""
+    ) -> SqlPlan[int]:
         """Delete the rows of `run_id` in `table` older (by `order`) than its newest `keep`,
         except those `spare` (an SQL condition) protects."""
         names = {"table": "{" + table + "}", "order": order, "spare": spare}

@@ -51,8 +51,8 @@ from sidecar.journal.keyfilter import KeyFilter
 from sidecar.journal.sql import (
     SQLITE,
     Done,
-    Plan,
     Queries,
+    SqlPlan,
     Statement,
     advance,
     error_json,
@@ -115,7 +115,7 @@ INSERT_DONE = (
 INSERT_NEW = INSERT_DONE + " ON CONFLICT (run_id, key) DO NOTHING"
 
 
-def run_plan(conn: sqlite3.Connection, plan: Plan[T]) -> T:
+def run_plan(conn: sqlite3.Connection, plan: SqlPlan[T]) -> T:
     """Drive a plan of `sidecar.journal.sql` on the writer's connection."""
     answer: Any = None
     while not isinstance(step := advance(plan, answer), Done):
@@ -146,7 +146,7 @@ class _Op:
         self.answered = False  # set on the writer thread once its answer is on its way
 
 
-Outcome = tuple[_Op, Any, BaseException | None]
+OpResult = tuple[_Op, Any, BaseException | None]
 
 
 def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -160,7 +160,7 @@ def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
             future.set_result(value)
 
 
-def _answer(outcomes: list[Outcome]) -> None:
+def _answer(outcomes: list[OpResult]) -> None:
     """Send each operation its answer, once, on its own event loop (from the writer thread).
     An operation whose loop has closed has nobody left to answer."""
     by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
@@ -278,7 +278,7 @@ class SQLiteJournal:
         """The writer is leaving: refuse what comes next, answer what is still queued."""
         with self._lock:
             self._closed = True
-        left: list[Outcome] = []
+        left: list[OpResult] = []
         while True:
             try:
                 op = self._queue.get_nowait()
@@ -342,7 +342,7 @@ class SQLiteJournal:
 
     def _apply_standalone(self, conn: sqlite3.Connection, op: _Op) -> None:
         try:
-            outcome: Outcome = (op, op.apply(conn), None)
+            outcome: OpResult = (op, op.apply(conn), None)
         except Exception as exc:
             outcome = (op, None, exc)
         _answer([outcome])
@@ -353,11 +353,11 @@ class SQLiteJournal:
         fails (the lock, the commit, anything else) every operation not answered yet gets
         the error: none is left waiting. An operation that fails is undone alone (a
         savepoint each) when others share its transaction; alone, its transaction is."""
-        results: list[Outcome] = []
+        results: list[OpResult] = []
         alone = len(ops) == 1
         try:
             conn.execute("BEGIN IMMEDIATE")
-            early: list[Outcome] = []
+            early: list[OpResult] = []
             for op in ops:
                 outcome = self._apply_alone(conn, op) if alone else self._apply_one(conn, op)
                 if alone and outcome[2] is not None:
@@ -385,7 +385,7 @@ class SQLiteJournal:
         _answer(results)
 
     @staticmethod
-    def _apply_one(conn: sqlite3.Connection, op: _Op) -> Outcome:
+    def _apply_one(conn: sqlite3.Connection, op: _Op) -> OpResult:
         conn.execute("SAVEPOINT op")
         try:
             value = op.apply(conn)
@@ -397,7 +397,7 @@ class SQLiteJournal:
         return op, value, None
 
     @staticmethod
-    def _apply_alone(conn: sqlite3.Connection, op: _Op) -> Outcome:
+    def _apply_alone(conn: sqlite3.Connection, op: _Op) -> OpResult:
         """The only operation of its transaction: no savepoint (the caller rolls the
         transaction back if it fails)."""
         try:
@@ -424,7 +424,7 @@ class SQLiteJournal:
             self._queue.put(_Op(apply, durable, future, loop, standalone))
         return future
 
-    def _submit_plan(self, plan: Plan[T], *, durable: bool = True) -> Any:
+    def _submit_plan(self, plan: SqlPlan[T], *, durable: bool = True) -> Any:
         """Queue a plan of `sidecar.journal.sql` for the writer (see `_submit`)."""
         return self._submit(lambda conn: run_plan(conn, plan), durable=durable)
 
@@ -443,7 +443,7 @@ class SQLiteJournal:
         result: Entry | None = await self._submit_plan(self._begin(entry), durable=durable)
         return result
 
-    def _begin(self, entry: Entry) -> Plan[Entry | None]:
+    def _begin(self, entry: Entry) -> SqlPlan[Entry | None]:
         """One writer: a read decides whether the key is new."""
         existing = yield from self.queries.get(entry.run_id, entry.key)
         if existing is not None:
@@ -454,7 +454,7 @@ class SQLiteJournal:
                                          e.operation, e.stream, e.started_at))  # fmt: skip
         return None
 
-    def _next_seq(self, run_id: str, now: float) -> Plan[int]:
+    def _next_seq(self, run_id: str, now: float) -> SqlPlan[int]:
         self.queries.touched.entries.add(run_id)
         row = yield Statement(NEXT_SEQ, (run_id, now, now), "one")
         return int(row[0])
@@ -469,7 +469,7 @@ class SQLiteJournal:
         self.keys.add(entry.run_id, entry.key)
         await self._submit_plan(self._complete(entry, completion, time.time(), new))
 
-    def _complete(self, e: Entry, c: Completion, now: float, new: bool) -> Plan[None]:
+    def _complete(self, e: Entry, c: Completion, now: float, new: bool) -> SqlPlan[None]:
         """`new`: the key filter says no entry has this key (an idempotent call, never
         begun): insert it at once, two statements; else update the entry begun, or insert
         it. An entry of the key written meanwhile by another process on this file makes

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar.config import RetentionConfig
-from sidecar.journal.sql import SQLITE, Dialect, Done, Plan, Queries, Statement, advance
+from sidecar.journal.sql import SQLITE, Dialect, Done, Queries, SqlPlan, Statement, advance
 
 # Spelled like PostgreSQL's, with a retention lock (several sidecars, one journal).
 SHARED = Dialect("%s", "tether_", "SELECT lock")
 
 
-def drive(plan: Plan[Any], replies: list[Any]) -> tuple[list[Statement], Any]:
+def drive(plan: SqlPlan[Any], replies: list[Any]) -> tuple[list[Statement], Any]:
     """Run a plan against canned replies; returns the statements it asked for and its value."""
     asked: list[Statement] = []
     answer: Any = None
