@@ -29,7 +29,8 @@ from grpc_reflection.v1alpha import reflection
 from sidecar.config import Config, resolve_secret, split_host_port
 from sidecar.http.front import HttpFront
 from sidecar.interceptors import GuardInterceptor
-from sidecar.journal.base import build_store, count_store_events
+from sidecar.journal import build_store
+from sidecar.journal.base import count_store_events
 from sidecar.journal.recorder import Recorder
 from sidecar.service import SidecarService
 from sidecar.state.health import StoreMetrics

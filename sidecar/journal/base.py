@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Protocol
 from sidecar.errors import JournalUnavailableError
 
 if TYPE_CHECKING:
-    from sidecar.config import JournalConfig
     from sidecar.telemetry.metrics import Metrics
 
 STORE_LABEL = "journal"  # the `store` label of the tether_store_* metrics
@@ -195,17 +194,6 @@ class JournalStore(Protocol):
     async def expire(self, now: float) -> Retention:
         """Apply the retention rules once."""
         ...
-
-
-def build_store(config: JournalConfig) -> JournalStore:
-    """The store `journal.backend` names (not opened)."""
-    if config.backend == "postgres":
-        from sidecar.journal.postgres import PostgresJournal
-
-        return PostgresJournal(config)
-    from sidecar.journal.sqlite import SQLiteJournal
-
-    return SQLiteJournal(config)
 
 
 def count_store_events(metrics: Metrics) -> Callable[[str], None]:
