@@ -2,12 +2,12 @@
 
 The OTLP exporter's own encoder builds one protobuf object per span, attribute and value
 (`opentelemetry.exporter.otlp.proto.common`), which cost the sidecar more CPU per call than
-anything of its own (issue 8's profile). The spans of one sidecar repeat themselves: the same
-resource and scope in every batch and mostly the same attribute pairs (operation, provider,
-upstream, model, server). This module writes the same `ExportTraceServiceRequest` bytes, with
-the encoding of each `(key, value)` pair of a plain value cached, and the resource and scope
-encoded once. The exporter sends those bytes as they are, through the SDK exporter's channel,
-with its retries, headers and compression.
+anything of its own (bench/RESULTS.md, "Span export"). The spans of one sidecar repeat
+themselves: the same resource and scope in every batch and mostly the same attribute pairs
+(operation, provider, upstream, model, server). This module writes the same
+`ExportTraceServiceRequest` bytes, with the encoding of each `(key, value)` pair of a plain
+value cached, and the resource and scope encoded once. The exporter sends those bytes as
+they are, through the SDK exporter's channel, with its retries, headers and compression.
 
 The result equals the SDK encoder's message for message (a test compares them on every kind
 of value); anything this encoder does not expect falls back to the SDK's own encoder.

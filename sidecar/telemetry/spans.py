@@ -1,14 +1,14 @@
 """Cheap spans for the sidecar's own calls: the SDK's sampling, ids, resource and processors,
 without its per-span machinery.
 
-The SDK's `Tracer.start_span` costs about 25 µs per span on this kind of machine (a lock, a
-`BoundedAttributes` that validates every attribute on every set, limits objects, internal
-metrics hooks); the sidecar makes two spans per call, and issue 8's profile put span
-creation among the largest items of its own work. `LightTracer.start_span` asks the
-provider's sampler and id generator exactly as the SDK does, and returns a `LightSpan` that
-keeps its attributes and events in plain containers; `end()` hands the span processors the
-SDK's own `ReadableSpan` (about 3 µs), so exporters, the batch processor and anything else
-on the provider see the spans they always saw.
+The SDK's `Tracer.start_span` does much per span (a lock, a `BoundedAttributes` that
+validates every attribute on every set, limits objects, internal metrics hooks); the sidecar
+makes two spans per call, and span creation was among the largest items of its own work
+(the figures, before and after, are in bench/RESULTS.md, "Light spans").
+`LightTracer.start_span` asks the provider's sampler and id generator exactly as the SDK
+does, and returns a `LightSpan` that keeps its attributes and events in plain containers;
+`end()` hands the span processors the SDK's own `ReadableSpan`, so exporters, the batch
+processor and anything else on the provider see the spans they always saw.
 
 A `LightSpan` is used from one thread (the event loop's); values of a type OTLP cannot carry
 are cleaned as the SDK cleans them, and events beyond the SDK's default limit

@@ -64,9 +64,10 @@ def make_exporter() -> SpanExporter:
 
 class LazyExporter(SpanExporter):
     """Builds its exporter at the first export, on the export thread: importing and setting
-    up the OTLP exporter (~40 ms of CPU: it loads the SDK's metrics and logs packages and the
-    protobuf messages) stays off the sidecar's start-up (issue 8). A failure to build it is
-    logged once, as an error, and every batch is then refused (counted as dropped)."""
+    up the OTLP exporter (it loads the SDK's metrics and logs packages and the protobuf
+    messages) stays off the sidecar's start-up (measured in bench/RESULTS.md, "Start-up"). A
+    failure to build it is logged once, as an error, and every batch is then refused (counted
+    as dropped)."""
 
     def __init__(self, build: Callable[[], SpanExporter]) -> None:
         self._build = build

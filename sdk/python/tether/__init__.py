@@ -128,7 +128,7 @@ _WHERE = {  # each public name: the module that defines it, imported at first us
 def __getattr__(name: str) -> _Any:
     """`tether.X` imports X's module at first use: `import tether` stays cheap, and the
     sidecar, which imports only the generated messages (`tether.v1`), loads none of the SDK
-    (issue 8: start-up time)."""
+    (its start-up time: bench/RESULTS.md, "Start-up")."""
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'tether' has no attribute {name!r}")
