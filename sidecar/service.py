@@ -34,6 +34,7 @@ from sidecar.journal.wire import (
 )
 from sidecar.pipeline import Pipeline
 from sidecar.policies.clock import SYSTEM_CLOCK, Clock
+from sidecar.policies.deadline import tighter
 from sidecar.routes import CallResult, CallTrace, Plan, Route, StreamInfo
 from sidecar.telemetry.hub import Telemetry
 from sidecar.upstreams.base import Upstream, UpstreamRequest
@@ -355,8 +356,7 @@ class SidecarService(JournalRPCs, pb_grpc.SidecarServicer):  # type: ignore[misc
             plan = plan or route.plan
             deadline = self.pipeline.deadline(timeout_s)
             if open_timeout_s is not None:  # bounds the first chunk, and each recovery's
-                budget = plan.budget_s
-                plan = replace(plan, budget_s=min(open_timeout_s, budget or open_timeout_s))
+                plan = replace(plan, budget_s=tighter(open_timeout_s, plan.budget_s))
             opening = self.pipeline.deadline(timeout_s, plan.budget_s)
             if self._journaled(request):
                 ident = self._ident(request, route, call.operation, stream=True)

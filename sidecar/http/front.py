@@ -32,6 +32,7 @@ from sidecar import errors
 from sidecar.config import split_host_port
 from sidecar.http import anthropic
 from sidecar.http.errors import UnknownModelError, describe, describe_anthropic
+from sidecar.policies.deadline import tighter
 from sidecar.routes import Plan, StreamInfo
 from sidecar.service import SidecarService
 from tether.v1 import sidecar_pb2 as pb
@@ -254,8 +255,7 @@ class HttpFront:
                                       (timeout_s, read_timeout_s))  # fmt: skip
         # a unary answer's headers come when the call is over: the client's read timeout
         # is a deadline too
-        if read_timeout_s is not None and (timeout_s is None or read_timeout_s < timeout_s):
-            timeout_s = read_timeout_s
+        timeout_s = tighter(timeout_s, read_timeout_s)
         proxied = await self.service.proxy(call, rpc, trace, timeout_s, plan, prepared.body)
         answer = proxied.response
         headers = {

@@ -9,6 +9,13 @@ from __future__ import annotations
 from sidecar.policies.clock import Clock
 
 
+def tighter(one: float | None, other: float | None) -> float | None:
+    """The shorter of two optional bounds in seconds (None: no bound)."""
+    if one is None:
+        return other
+    return one if other is None or one < other else other
+
+
 class Deadline:
     """An absolute deadline (`at`, on `clock`), or none when the caller set no deadline;
     `caller`: whether it is the caller's own (else the call's budget, `total_timeout_s`: an

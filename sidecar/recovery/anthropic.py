@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from sidecar.recovery.base import Continuation, Diverged, HeldReplay, overlap
+from sidecar.recovery.base import Continuation, Diverged, HeldReplay, overlap, prefilled
 from sidecar.upstreams.base import UpstreamRequest
 
 DELTA_TEXT = {"text_delta": "text", "input_json_delta": "partial_json",
@@ -129,27 +129,16 @@ class AnthropicAnswer:
     ) -> tuple[UpstreamRequest, Continuation] | None:
         blocks = [self.blocks[i] for i in sorted(self.blocks)]
         text = "".join(block.text for block in blocks)
-        body = request.body
         if not blocks or any(b.kind != "text" for b in blocks) or not text.strip() or self.ended:
             return None
-        messages = body.get("messages") if isinstance(body, dict) else None
-        if not isinstance(messages, list) or not isinstance(body, dict):
+        made = prefilled(request, params, text, rstrip=True)  # the API refuses trailing space
+        if made is None:
             return None
-        last = messages[-1] if messages else None
-        if isinstance(last, dict) and last.get("role") == "assistant":
-            if not isinstance(last.get("content"), str):
-                return None  # the caller's own prefill, in blocks: not extended
-            text = last["content"] + text
-            messages = messages[:-1]
-        prefill = text.rstrip()
-        messages = [*messages, {"role": "assistant", "content": prefill}]
-        body = {**body, **params, "messages": messages}
+        prefill_request, space = made
         last = max(self.blocks)
-        base = last if not self.blocks[last].stopped else last + 1
         continued = not self.blocks[last].stopped
-        return UpstreamRequest(request.operation, orjson.dumps(body), body,
-                               request.idempotency_key, request.run_id, request.labels), \
-            _Prefilled(base, continued, text[len(prefill):])  # fmt: skip
+        base = last if continued else last + 1
+        return prefill_request, _Prefilled(base, continued, space)
 
     def replay(self) -> Continuation:
         return _Replayed({i: block.frozen() for i, block in self.blocks.items()}, self.ended)

@@ -17,7 +17,10 @@ the caller then gets the original failure, never an altered answer.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from typing import Any, Protocol
+
+import orjson
 
 from sidecar.upstreams.base import UpstreamRequest
 
@@ -67,6 +70,28 @@ class Answer(Protocol):
     def replay(self) -> Continuation:
         """How to pass on the stream of the original request sent again."""
         ...
+
+
+def prefilled(
+    request: UpstreamRequest, params: dict[str, Any], text: str, *, rstrip: bool = False
+) -> tuple[UpstreamRequest, str] | None:
+    """`request` with `text` as the start of the assistant's answer: appended to the caller's
+    own trailing assistant message when there is one (a prefill of its own), else a new one;
+    `params` merged into the body. With `rstrip`, the prefill leaves out its trailing white
+    space, which is returned. None when the request cannot be extended so."""
+    body = request.body
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or not isinstance(messages, list):
+        return None
+    last = messages[-1] if messages else None
+    turn: dict[str, Any] = {"role": "assistant"}
+    if isinstance(last, dict) and last.get("role") == "assistant":
+        if not isinstance(last.get("content"), str):
+            return None  # the caller's own prefill, in parts: not extended
+        turn, text, messages = last, last["content"] + text, messages[:-1]
+    prefill = text.rstrip() if rstrip else text
+    body = {**body, **params, "messages": [*messages, {**turn, "content": prefill}]}
+    return replace(request, body=body, payload=orjson.dumps(body)), text[len(prefill) :]
 
 
 def overlap(delivered: str, sent: int, piece: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from sidecar.recovery.base import Continuation, Diverged, HeldReplay, overlap
+from sidecar.recovery.base import Continuation, Diverged, HeldReplay, overlap, prefilled
 from sidecar.upstreams.base import UpstreamRequest
 
 Path = tuple[Any, ...]  # keys, and list items by their `index`
@@ -137,23 +137,10 @@ class OpenAIAnswer:
         self, request: UpstreamRequest, params: dict[str, Any]
     ) -> tuple[UpstreamRequest, Continuation] | None:
         text = "".join(self._parts.get(("content",), ()))
-        body = request.body
         if set(self._parts) != {("content",)} or not text or self.finished:
             return None
-        messages = body.get("messages") if isinstance(body, dict) else None
-        if not isinstance(messages, list):
-            return None
-        last = messages[-1] if messages else None
-        if isinstance(last, dict) and last.get("role") == "assistant":
-            if not isinstance(last.get("content"), str):
-                return None  # the caller's own prefill, in parts: not extended
-            messages = [*messages[:-1], {**last, "content": last["content"] + text}]
-        else:
-            messages = [*messages, {"role": "assistant", "content": text}]
-        body = {**body, **params, "messages": messages}
-        return UpstreamRequest(request.operation, orjson.dumps(body), body,
-                               request.idempotency_key, request.run_id,
-                               request.labels), _Prefilled()  # fmt: skip
+        made = prefilled(request, params, text)
+        return None if made is None else (made[0], _Prefilled())
 
     def replay(self) -> Continuation:
         return _Replayed(self)

@@ -7,6 +7,13 @@ from typing import Any
 from sidecar.errors import InvalidRequestError
 
 
+def wants_usage(body: Any) -> bool:
+    """Whether a chat stream's caller asked for the usage chunk
+    (`stream_options.include_usage: true`)."""
+    options = body.get("stream_options") if isinstance(body, dict) else None
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
 def check_messages(messages: Any) -> None:
     """InvalidRequestError (field `payload.messages`) unless `messages` is a list of objects."""
     if not isinstance(messages, list):

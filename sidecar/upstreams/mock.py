@@ -28,7 +28,7 @@ from sidecar.config import MockUpstreamConfig
 from sidecar.errors import InvalidRequestError, UpstreamBadResponseError, UpstreamUnavailableError
 from sidecar.upstreams import _mock_anthropic as messages
 from sidecar.upstreams._aiohttp import raise_for_status
-from sidecar.upstreams._checks import check_anthropic_messages, check_messages
+from sidecar.upstreams._checks import check_anthropic_messages, check_messages, wants_usage
 from sidecar.upstreams.base import Chunk, UpstreamRequest, UpstreamResponse, Usage
 
 CREATED = 1_700_000_000  # a fixed timestamp keeps answers byte-for-byte deterministic
@@ -253,8 +253,7 @@ class MockUpstream:
         answer, usage = self._chat(request.body, hit)
         chunks = [Chunk(data) for data in self._chunks(answer, hit)]
         # the usage chunk only when the caller asked for it, as the openai adapter does
-        options = request.body.get("stream_options")
-        asked = isinstance(options, dict) and options.get("include_usage") is True
+        asked = wants_usage(request.body)
         usage_data = orjson.dumps(self._usage_chunk(answer, hit)) if asked else b""
         chunks.append(Chunk(usage_data, usage=usage))
         return chunks

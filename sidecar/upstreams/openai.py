@@ -23,7 +23,7 @@ from sidecar.upstreams._aiohttp import (
     redact,
     unary_payload,
 )
-from sidecar.upstreams._checks import check_messages
+from sidecar.upstreams._checks import check_messages, wants_usage
 from sidecar.upstreams._sse import END, Decoder, StreamingUpstream
 from sidecar.upstreams.base import Chunk, UpstreamRequest, UpstreamResponse, Usage
 
@@ -77,11 +77,9 @@ class OpenAIUpstream(StreamingUpstream):
 
     def _stream_request(self, request: UpstreamRequest) -> tuple[str, bytes, Decoder]:
         """`stream: true` with usage included; each SSE event's JSON until `[DONE]`."""
-        body = request.body
-        options = body.get("stream_options") if isinstance(body, dict) else None
-        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-        payload = _streaming_payload(body)
-        return self._url(request.operation), payload, _ChatEvents(self, wants_usage)
+        payload = _streaming_payload(request.body)
+        decoder = _ChatEvents(self, wants_usage(request.body))
+        return self._url(request.operation), payload, decoder
 
     def _mid_stream_error(self, error: Any) -> UpstreamUnavailableError:
         reason = provider_message(error) or str(error)
