@@ -177,9 +177,9 @@ class MockUpstream:
             return self._embeddings(request.body, hit)
         if request.operation == "messages":
             answer, usage = messages.message(request.body, hit)
-            return UpstreamResponse(orjson.dumps(answer), usage=usage)
+            return UpstreamResponse(orjson.dumps(answer), usage=usage, body=answer)
         answer, usage = self._chat(request.body, hit)
-        return UpstreamResponse(orjson.dumps(answer), usage=usage)
+        return UpstreamResponse(orjson.dumps(answer), usage=usage, body=answer)
 
     def _embeddings(self, body: dict[str, Any], hit: int) -> UpstreamResponse:
         inputs = body.get("input")
@@ -192,7 +192,7 @@ class MockUpstream:
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         answer = {"object": "list", "data": data, "model": body.get("model", "mock-embed")}
         answer.update(usage=usage, hit=hit)
-        return UpstreamResponse(orjson.dumps(answer), usage=Usage(tokens, 0))
+        return UpstreamResponse(orjson.dumps(answer), usage=Usage(tokens, 0), body=answer)
 
     def _reply(self, body: dict[str, Any]) -> tuple[dict[str, Any], str]:
         messages = body["messages"]
