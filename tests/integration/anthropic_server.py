@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tests.integration.provider import continuing, prefill_of
 from tests.integration.stream_faults import GARBAGE, WORDS, StreamEndpoint, StreamFaultServer
 from tests.integration.support import serve_app
 
@@ -61,20 +62,11 @@ def request_body(ep: MessagesEndpoint) -> dict[str, Any]:
     return ep.requests[-1][1]
 
 
-def _prefill(body: dict[str, Any]) -> str | None:
-    messages = body.get("messages") or []
-    last = messages[-1] if messages else None
-    if isinstance(last, dict) and last.get("role") == "assistant":
-        return str(last.get("content"))
-    return None
-
-
 def _continuing(prefill: str | None, words: list[str]) -> list[str]:
     """The answer's words after `prefill` (all of them without one)."""
     if prefill is None:
         return words
-    whole = "".join(words)
-    rest = whole[len(prefill) :] if whole.startswith(prefill) else " etc."
+    rest = continuing("".join(words), prefill)
     return [rest[: len(rest) // 2], rest[len(rest) // 2 :]]
 
 
@@ -113,7 +105,7 @@ class MessagesFaultServer(StreamFaultServer):
         mode, answer = await self.arrived(request, ep)
         if answer is not None:
             return answer
-        prefill = _prefill(body)
+        prefill = prefill_of(body)
         if prefill is not None and prefill != prefill.rstrip():
             error = {
                 "type": "invalid_request_error",
@@ -147,7 +139,7 @@ class MessagesFaultServer(StreamFaultServer):
                  "content_block": {"type": "text", "text": ""}}  # fmt: skip
         await resp.write(event(block) + b'event: ping\ndata: {"type": "ping"}\n\n')
         faulty = mode in ("cut", "stall", "malformed", "error_event")
-        words = _continuing(_prefill(request_body(ep)), ep.words)
+        words = _continuing(prefill_of(request_body(ep)), ep.words)
         before_fault = ep.chunks if faulty else len(words)
         for text in words[:before_fault]:
             await resp.write(word(text))

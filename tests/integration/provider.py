@@ -105,7 +105,7 @@ def _error(status: int, message: str, kind: str, code: str | None,
 def _prompt(body: dict[str, Any]) -> str:
     """The text of every message but the assistant's prefill, if any."""
     parts = []
-    for message in _messages(body)[: -1 if _prefill(body) is not None else None]:
+    for message in _messages(body)[: -1 if prefill_of(body) is not None else None]:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str):
             parts.append(content)
@@ -117,8 +117,9 @@ def _messages(body: dict[str, Any]) -> list[Any]:
     return messages if isinstance(messages, list) else []
 
 
-def _prefill(body: dict[str, Any]) -> str | None:
-    """The start of the answer a request puts in the assistant's mouth, if it does."""
+def prefill_of(body: dict[str, Any]) -> str | None:
+    """The start of the answer a request puts in the assistant's mouth, if it does (the fake
+    Messages API reads it the same way)."""
     messages = _messages(body)
     last = messages[-1] if messages else None
     if isinstance(last, dict) and last.get("role") == "assistant":
@@ -181,7 +182,7 @@ class Provider:
         refused = await self._refusal(request, served, fault, body, prompt)
         if refused is not None:
             return refused
-        text = continuing(served.text or answer_text(prompt), _prefill(body))
+        text = continuing(served.text or answer_text(prompt), prefill_of(body))
         usage = {"prompt_tokens": len(prompt) // 4 + 1, "completion_tokens": len(tokens(text))}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if not stream:
@@ -207,7 +208,7 @@ class Provider:
             await asyncio.sleep(3600)
         if fault == "policy":
             return _error(400, POLICY_MESSAGE, "invalid_request_error", "content_policy_violation")
-        if fault == "refuse_prefill" and _prefill(body) is not None:
+        if fault == "refuse_prefill" and prefill_of(body) is not None:
             return _error(400, "assistant prefill is not supported", "invalid_request_error", None)
         if len(prompt) > served.context_chars:
             return _error(400, f"This model's maximum context length is {served.context_chars} "

@@ -4,7 +4,7 @@ duplicated, lost or altered; a new answer that does not continue the delivered o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pytest
@@ -64,11 +64,18 @@ def tool_args(index: int, arguments: str) -> bytes:
     return chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]})
 
 
-def openai_answer(*chunks: bytes) -> OpenAIAnswer:
-    answer = OpenAIAnswer()
+A = TypeVar("A", OpenAIAnswer, AnthropicAnswer)
+
+
+def fed(answer: A, *chunks: bytes) -> A:
+    """`answer` after the caller received `chunks`."""
     for data in chunks:
         answer.feed(data)
     return answer
+
+
+def openai_answer(*chunks: bytes) -> OpenAIAnswer:
+    return fed(OpenAIAnswer(), *chunks)
 
 
 def deltas(chunks: list[bytes]) -> list[dict[str, Any]]:
@@ -300,10 +307,7 @@ def message_stop() -> bytes:
 
 
 def anthropic_answer(*events: bytes) -> AnthropicAnswer:
-    answer = AnthropicAnswer()
-    for data in events:
-        answer.feed(data)
-    return answer
+    return fed(AnthropicAnswer(), *events)
 
 
 def events(chunks: list[bytes]) -> list[dict[str, Any]]:
